@@ -1,0 +1,265 @@
+"""One error hierarchy for everything that can go wrong talking to NanoPhoto.
+
+Every error carries the API's ``code`` (or one of ours for transport and
+configuration problems), the HTTP ``status`` if there was one, a ``message``
+for a person, and two flags the retry logic reads:
+
+* ``retryable``: the same call may succeed if made again later;
+* ``may_have_started``: the server may have acted on the request, so a paid
+  submit must not be sent again blindly (it would be charged twice).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from nanophoto.contract import ERROR_SPECS, GATEWAY_STATUSES
+
+
+class NanoPhotoError(Exception):
+    """Base of every error this package raises."""
+
+    code: str = "NANOPHOTO_ERROR"
+    retryable: bool = False
+    may_have_started: bool = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        retryable: bool | None = None,
+        may_have_started: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.status = status
+        if retryable is not None:
+            self.retryable = retryable
+        if may_have_started is not None:
+            self.may_have_started = may_have_started
+
+    def __str__(self) -> str:
+        where = f" (HTTP {self.status})" if self.status is not None else ""
+        return f"[{self.code}]{where} {self.message}"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, status={self.status!r}, "
+            f"retryable={self.retryable!r}, message={self.message!r})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep code/status/flags when Prefect pickles the exception into a state.
+        return (_rebuild_error, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild_error(
+    cls: type[NanoPhotoError], message: str, attrs: dict[str, Any]
+) -> NanoPhotoError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(attrs)
+    return error
+
+
+# --- the server answered with an error document ------------------------------
+
+
+class APIError(NanoPhotoError):
+    """The API answered with ``success: false`` and an ``errorCode``."""
+
+    may_have_started = False
+
+
+class InvalidRequestError(APIError):
+    """HTTP 400: the request was refused as invalid; fix the input."""
+
+
+class AuthenticationError(APIError):
+    """HTTP 401: the API key is missing or invalid."""
+
+    code = "LOGIN_REQUIRED"
+
+
+class InsufficientCreditsError(APIError):
+    """HTTP 402: the account has too few credits for this call."""
+
+    code = "INSUFFICIENT_CREDITS"
+    required_credits: int | None = None
+
+
+class TaskNotFoundError(APIError):
+    """HTTP 404: the task does not exist or belongs to another key."""
+
+    code = "TASK_NOT_FOUND"
+
+
+class RateLimitError(APIError):
+    """HTTP 429: the key's hourly request budget is spent; retry later."""
+
+    code = "API_KEY_RATE_LIMIT_EXCEEDED"
+    retryable = True
+    retry_after: float | None = None
+
+
+class GenerationFailedError(APIError):
+    """The video generation failed server-side; final (credits are refunded)."""
+
+    code = "GENERATION_FAILED"
+
+
+class ServerError(APIError):
+    """HTTP 5xx with an error document: the server failed handling the call.
+
+    A status check may be retried. A submit may have started before the
+    server failed, so it is never sent again blindly.
+    """
+
+    code = "INTERNAL_ERROR"
+    retryable = True
+    may_have_started = True
+
+
+# --- no usable answer ---------------------------------------------------------
+
+
+class TransportError(NanoPhotoError):
+    """No usable answer: gateway page, dropped connection, time-out, garbage."""
+
+    retryable = True
+
+
+class GatewayError(TransportError):
+    """A CDN gateway error (502/503/504/524) or another non-JSON answer."""
+
+    code = "GATEWAY_ERROR"
+
+
+class ConnectionDroppedError(TransportError):
+    """The connection broke after the request may have been sent."""
+
+    code = "CONNECTION_DROPPED"
+
+
+class RequestTimeoutError(TransportError):
+    """No answer within the read or write time-out."""
+
+    code = "TIMEOUT"
+
+
+class ConnectError(TransportError):
+    """The connection could not be made: the request surely was not sent."""
+
+    code = "CONNECT_ERROR"
+    may_have_started = False
+
+
+# --- ours ---------------------------------------------------------------------
+
+
+class MissingAPIKeyError(NanoPhotoError):
+    """No API key in any of the places we look."""
+
+    code = "MISSING_API_KEY"
+    may_have_started = False
+
+
+class WaitTimeoutError(NanoPhotoError):
+    """The video did not finish within the maximum wait; it may still finish."""
+
+    code = "WAIT_TIMEOUT"
+
+
+class SubmitOutcomeUnknownError(NanoPhotoError):
+    """A submit failed in a way that leaves open whether the video started.
+
+    Sending it again could charge twice, so we stop and tell the user.
+    """
+
+    code = "SUBMIT_OUTCOME_UNKNOWN"
+
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    402: InsufficientCreditsError,
+    404: TaskNotFoundError,
+    429: RateLimitError,
+}
+_BY_CODE: dict[str, type[APIError]] = {
+    "LOGIN_REQUIRED": AuthenticationError,
+    "INSUFFICIENT_CREDITS": InsufficientCreditsError,
+    "TASK_NOT_FOUND": TaskNotFoundError,
+    "API_KEY_RATE_LIMIT_EXCEEDED": RateLimitError,
+    "GENERATION_FAILED": GenerationFailedError,
+    "INTERNAL_ERROR": ServerError,
+}
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def error_from_response(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> NanoPhotoError:
+    """Map an HTTP error answer (JSON document or gateway page) to an error."""
+    document = _json_object(body)
+    if document is None or ("errorCode" not in document and "error" not in document):
+        if status in GATEWAY_STATUSES or status >= 500:
+            return GatewayError(
+                f"gateway error, not an API answer: {_snippet(body)}", status=status
+            )
+        return APIError(
+            f"unexpected non-JSON answer: {_snippet(body)}",
+            code=f"HTTP_{status}",
+            status=status,
+        )
+    code = str(document.get("errorCode") or f"HTTP_{status}")
+    spec = ERROR_SPECS.get(code)
+    message = str(document.get("error") or (spec.meaning if spec else code))
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(status)
+    if cls is None:
+        cls = ServerError if status >= 500 else APIError
+    error = cls(message, code=code, status=status)
+    if isinstance(error, InsufficientCreditsError):
+        required = document.get("requiredCredits")
+        error.required_credits = int(required) if isinstance(required, int) else None
+    if isinstance(error, RateLimitError):
+        error.retry_after = parse_retry_after((headers or {}).get("retry-after"))
+    return error
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _snippet(body: bytes, limit: int = 120) -> str:
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return (text[:limit] + "…") if len(text) > limit else (text or "<empty body>")

@@ -1,0 +1,31 @@
+"""The one back-off rule for every retried call.
+
+Capped exponential back-off with jitter, as the OpenAI SDK does it:
+``min(base * 2**n, cap) * (1 - 0.25 * random())``, except that a
+``Retry-After`` the server sent is honoured (up to ``max_retry_after``).
+Which errors may be retried is the caller's decision: it depends on the call.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from nanophoto.errors import NanoPhotoError, RateLimitError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to back off before calling again."""
+
+    max_retries: int = 3
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+
+    def delay(self, retry: int, error: NanoPhotoError) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based) after ``error``."""
+        if isinstance(error, RateLimitError) and error.retry_after is not None:
+            return min(float(error.retry_after), self.max_retry_after)
+        backoff: float = min(self.base_delay * 2**retry, self.max_delay)
+        return backoff * (1 - 0.25 * random.random())

@@ -1,0 +1,109 @@
+"""Settings from the environment (prefix ``NANOPHOTO_``) and API key resolution.
+
+The key is resolved as NanoPhoto's published tools do: an explicit value, then
+``NANOPHOTO_API_KEY``, then ``~/.openclaw/openclaw.json``. It is held as a
+``SecretStr`` everywhere, so it never shows in a repr, a log or an exception.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Final
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nanophoto.contract import (
+    DEFAULT_BASE_URL,
+    INITIAL_STATUS_DELAY_S,
+    MAX_WAIT_S,
+    STATUS_CHECK_INTERVAL_S,
+)
+from nanophoto.errors import MissingAPIKeyError
+
+VIDEO_SKILL: Final = "sora-2-generate"
+PROMPT_SKILL: Final = "video-prompt-generator"
+OPENCLAW_FILE: Final = Path("~/.openclaw/openclaw.json")
+
+
+class NanoPhotoSettings(BaseSettings):
+    """Client settings, read from ``NANOPHOTO_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="NANOPHOTO_", extra="ignore")
+
+    api_key: SecretStr | None = Field(default=None, description="The NanoPhoto API key.")
+    base_url: str = Field(default=DEFAULT_BASE_URL, description="The API's base URL.")
+    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect.")
+    read_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds to wait for each read of an answer."
+    )
+    write_timeout: float = Field(default=30.0, gt=0, description="Seconds to send.")
+    max_retries: int = Field(
+        default=3, ge=0, le=10, description="Retries of a call that is safe to retry."
+    )
+    max_retry_delay: float = Field(
+        default=60.0, gt=0, description="Longest back-off, even if Retry-After asks more."
+    )
+    initial_status_delay: float = Field(default=INITIAL_STATUS_DELAY_S, ge=0)
+    status_check_interval: float = Field(default=STATUS_CHECK_INTERVAL_S, gt=0)
+    max_wait: float = Field(default=MAX_WAIT_S, gt=0)
+    openclaw_file: Path = Field(
+        default=OPENCLAW_FILE, description="The OpenClaw config holding skill keys."
+    )
+
+
+def _present(value: str | SecretStr | None) -> SecretStr | None:
+    """An empty or blank value counts as missing, as in the published tools."""
+    if value is None:
+        return None
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return SecretStr(raw.strip()) if raw and raw.strip() else None
+
+
+def key_from_openclaw(path: Path, skill: str = VIDEO_SKILL) -> SecretStr | None:
+    """The key under ``skills.entries.<skill>.env.NANOPHOTO_API_KEY``, if any."""
+    try:
+        document = json.loads(path.expanduser().read_text(encoding="utf-8"))
+        value = document["skills"]["entries"][skill]["env"]["NANOPHOTO_API_KEY"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return _present(value) if isinstance(value, str) else None
+
+
+def resolve_api_key(
+    explicit: str | SecretStr | None = None,
+    *,
+    settings: NanoPhotoSettings | None = None,
+    skills: tuple[str, ...] = (VIDEO_SKILL, PROMPT_SKILL),
+    extra_sources: tuple[tuple[str, SecretStr | None], ...] = (),
+) -> SecretStr:
+    """The API key from the first place that has one.
+
+    Order: ``explicit``, ``NANOPHOTO_API_KEY``, then each of ``extra_sources``
+    (for example a Prefect block), then the OpenClaw file's entry for each of
+    ``skills``. Raises ``MissingAPIKeyError`` naming every place looked at.
+    """
+    settings = settings or NanoPhotoSettings()
+    for candidate in (explicit, settings.api_key, *(value for _, value in extra_sources)):
+        key = _present(candidate)
+        if key is not None:
+            return key
+    for skill in skills:
+        key = key_from_openclaw(settings.openclaw_file, skill)
+        if key is not None:
+            return key
+    places = [
+        "an explicit key (--api-key)",
+        "the environment variable NANOPHOTO_API_KEY",
+        *(name for name, _ in extra_sources),
+        *(
+            f"{settings.openclaw_file} at skills.entries.{skill}.env.NANOPHOTO_API_KEY"
+            for skill in skills
+        ),
+    ]
+    raise MissingAPIKeyError(
+        "no NanoPhoto API key found; looked in: "
+        + "; ".join(places)
+        + ". Create a key at https://nanophoto.ai/settings/apikeys."
+    )

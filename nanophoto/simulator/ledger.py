@@ -1,0 +1,102 @@
+"""What the simulator saw and did: requests, credits, video tasks and faults.
+
+Tests and benchmarks read it to prove what a client did: how many requests
+per key and endpoint, how many submits, what was charged and refunded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class VideoTask:
+    """One submitted video, from submit to its final state."""
+
+    task_id: str
+    key: str
+    tier: str
+    duration: int
+    aspect_ratio: str
+    cost: int
+    submitted_at: float
+    generation_seconds: float
+    ready_at: float
+    will_fail: bool
+    final_status: str | None = None
+    reported_at: float | None = None
+    status_checks: int = 0
+
+    def as_dict(self, origin: float, time_scale: float) -> dict[str, Any]:
+        """A JSON-ready record; times in simulated seconds since ``origin``."""
+
+        def simulated(t: float | None) -> float | None:
+            return None if t is None else round((t - origin) / time_scale, 3)
+
+        delay = (
+            None
+            if self.reported_at is None
+            else round((self.reported_at - self.ready_at) / time_scale, 3)
+        )
+        return {
+            "task_id": self.task_id,
+            "key": self.key,
+            "tier": self.tier,
+            "duration": self.duration,
+            "aspect_ratio": self.aspect_ratio,
+            "cost": self.cost,
+            "status": self.final_status or "processing",
+            "generation_seconds": round(self.generation_seconds, 3),
+            "submitted_at": simulated(self.submitted_at),
+            "ready_at": simulated(self.ready_at),
+            "reported_at": simulated(self.reported_at),
+            "detection_delay": delay,
+            "status_checks": self.status_checks,
+        }
+
+
+@dataclass
+class Ledger:
+    """Counters the simulator keeps; read a consistent copy with ``snapshot``."""
+
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    rate_limited: Counter[str] = field(default_factory=Counter)
+    charged: Counter[str] = field(default_factory=Counter)
+    refunded: Counter[str] = field(default_factory=Counter)
+    prompts: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    tasks: dict[str, VideoTask] = field(default_factory=dict)
+    media_downloads: int = 0
+    media_requests_with_authorization: int = 0
+
+    def snapshot(
+        self, balances: dict[str, int], starting: dict[str, int], origin: float, time_scale: float
+    ) -> dict[str, Any]:
+        """A JSON-ready copy of everything, for tests, benchmarks and people."""
+        by_key: dict[str, dict[str, int]] = {}
+        for (key, endpoint), count in sorted(self.requests.items()):
+            by_key.setdefault(key, {})[endpoint] = count
+        return {
+            "total_requests": sum(self.requests.values()),
+            "requests": by_key,
+            "rate_limited": dict(self.rate_limited),
+            "submits": len(self.tasks),
+            "prompts": dict(self.prompts),
+            "credits": {
+                key: {
+                    "start": starting.get(key, 0),
+                    "charged": self.charged[key],
+                    "refunded": self.refunded[key],
+                    "balance": balance,
+                }
+                for key, balance in balances.items()
+            },
+            "faults": dict(self.faults),
+            "tasks": [task.as_dict(origin, time_scale) for task in self.tasks.values()],
+            "media": {
+                "downloads": self.media_downloads,
+                "with_authorization": self.media_requests_with_authorization,
+            },
+        }

@@ -1,0 +1,111 @@
+"""Watching a video task: when to check, and when to give up.
+
+NanoPhoto's advice, stated once: wait ``initial_delay`` after submit, then
+check every ``interval`` until the video is completed or failed, and give up
+at ``max_wait``. Checks are timed from the submit on a fixed cadence
+(120 s, 140 s, 160 s, ...), so a slow check does not push the rhythm back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nanophoto.contract import INITIAL_STATUS_DELAY_S, MAX_WAIT_S, STATUS_CHECK_INTERVAL_S
+from nanophoto.errors import NanoPhotoError, WaitTimeoutError
+from nanophoto.models import VideoStatus
+
+CheckStatus = Callable[[str], Awaitable[VideoStatus]]
+
+
+class WatchSchedule(BaseModel):
+    """When to check a video's status, in seconds from its submit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    initial_delay: float = Field(
+        INITIAL_STATUS_DELAY_S,
+        ge=0,
+        description="Seconds to wait after submit before the first status check "
+        "(NanoPhoto advises 120: no video is ready sooner).",
+    )
+    interval: float = Field(
+        STATUS_CHECK_INTERVAL_S,
+        gt=0,
+        description="Seconds between status checks. Each check counts against "
+        "the key's 100 requests an hour.",
+    )
+    max_wait: float = Field(
+        MAX_WAIT_S,
+        gt=0,
+        description="Seconds after submit to stop watching. The video may still "
+        "finish later; it can be resumed by its task id.",
+    )
+
+    def scaled(self, factor: float) -> WatchSchedule:
+        """The same rhythm, every duration multiplied by ``factor``."""
+        return WatchSchedule(
+            initial_delay=self.initial_delay * factor,
+            interval=self.interval * factor,
+            max_wait=self.max_wait * factor,
+        )
+
+    def first_check(self) -> float:
+        """Seconds after submit of the first check."""
+        return min(self.initial_delay, self.max_wait)
+
+    def next_check(self, previous: float, elapsed: float) -> float:
+        """The slot after ``previous`` that is not already past at ``elapsed``.
+
+        Slots missed while a check was slow are skipped, not crowded in.
+        """
+        slot = previous + self.interval
+        if elapsed > slot:
+            slot += math.ceil((elapsed - slot) / self.interval) * self.interval
+        return min(slot, self.max_wait)
+
+
+async def watch_video(
+    task_id: str,
+    check: CheckStatus,
+    schedule: WatchSchedule,
+    *,
+    submitted_at: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_transient_error: Callable[[NanoPhotoError], None] | None = None,
+) -> VideoStatus:
+    """Check ``task_id`` on ``schedule`` until it is completed or failed.
+
+    A transient error (after the client's own retries) does not end the
+    watch while time is left: the next scheduled check tries again. An error
+    no retry can fix (401, 404, ...) ends it at once. Raises
+    ``WaitTimeoutError`` once ``max_wait`` has passed.
+    """
+    start = clock() if submitted_at is None else submitted_at
+    last: VideoStatus | None = None
+    due = schedule.first_check()
+    while True:
+        await sleep(max(0.0, due - (clock() - start)))
+        try:
+            last = await check(task_id)
+        except NanoPhotoError as error:
+            if not error.retryable:
+                raise
+            if on_transient_error is not None:
+                on_transient_error(error)
+        else:
+            if not last.is_running:
+                return last
+        if due >= schedule.max_wait:
+            seen = last.status if last is not None else "no answer"
+            raise WaitTimeoutError(
+                f"video {task_id} was not finished after {schedule.max_wait:g} s "
+                f"(last status: {seen}). It may still finish: resume watching it "
+                f"by its task id instead of submitting again."
+            )
+        due = schedule.next_check(due, clock() - start)

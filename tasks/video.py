@@ -1,0 +1,133 @@
+"""Prefect tasks, one per NanoPhoto call.
+
+The API key is loaded inside each task (``open_client``), never passed as a
+parameter or argument, so it never lands in a run's stored parameters.
+
+Retry policy, chosen per call (the client's ``_call`` carries it out, with
+capped exponential back-off and ``Retry-After``; no Prefect-level retries on
+top, which would multiply the attempts and cannot honour ``Retry-After``):
+
+* ``generate_prompt``: retried on transient errors. A failed prompt is
+  refunded, so a second attempt never costs twice.
+* ``submit_video``: never sent again once it may have reached the server
+  (a second submit is a second charge); retried only when it surely did not
+  start (no connection, or a 429).
+* ``check_video_status``: retried on transient errors; it costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from nanophoto.client import DownloadedVideo, NanoPhotoClient
+from nanophoto.errors import NanoPhotoError
+from nanophoto.models import PromptRequest, VideoRequest, VideoStatus
+
+
+@asynccontextmanager
+async def open_client() -> AsyncIterator[NanoPhotoClient]:
+    """A client whose key is resolved here, inside the task, from settings."""
+    async with NanoPhotoClient(logger=get_run_logger()) as client:
+        yield client
+
+
+class _LineLogger:
+    """Logs streamed text a whole line at a time, as it arrives."""
+
+    def __init__(self) -> None:
+        self._logger = get_run_logger()
+        self._pending = ""
+
+    def feed(self, text: str) -> None:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._logger.info("prompt | %s", line)
+
+    def restart(self, error: NanoPhotoError) -> None:
+        self._pending = ""
+        self._logger.warning("prompt stream broke (%s); starting it again", error.code)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._logger.info("prompt | %s", self._pending)
+            self._pending = ""
+
+
+@task(name="generate-prompt", cache_policy=NO_CACHE)
+async def generate_prompt(request: PromptRequest) -> str:
+    """Stream a structured video prompt for a topic, logging it as it is written.
+
+    Args:
+        request: The topic and how to film it.
+
+    Returns:
+        The whole prompt text.
+    """
+    lines = _LineLogger()
+    async with open_client() as client:
+        prompt = await client.generate_prompt(request, on_text=lines.feed, on_restart=lines.restart)
+    lines.flush()
+    return prompt
+
+
+@task(name="submit-video", cache_policy=NO_CACHE)
+async def submit_video(request: VideoRequest) -> VideoStatus:
+    """Start a paid video generation and return its task (never sent twice).
+
+    Args:
+        request: The prompt and rendering options.
+
+    Returns:
+        The task's first status; ``task_id`` is what to watch.
+    """
+    logger = get_run_logger()
+    async with open_client() as client:
+        status = await client.submit(request)
+    logger.info(
+        "submitted %s (%s, %s s, %s): %s credits",
+        status.task_id,
+        request.model_tier.value,
+        request.video_duration,
+        request.aspect_ratio.value,
+        request.cost,
+    )
+    return status
+
+
+@task(name="check-video-status", cache_policy=NO_CACHE)
+async def check_video_status(task_id: str) -> VideoStatus:
+    """Ask NanoPhoto how a video task is doing.
+
+    Args:
+        task_id: The NanoPhoto task id returned by the submit.
+
+    Returns:
+        Its status: running, completed (with the video URL) or failed.
+    """
+    async with open_client() as client:
+        status = await client.check_status(task_id)
+    get_run_logger().info("video %s: %s", task_id, status.status)
+    return status
+
+
+@task(name="download-video", cache_policy=NO_CACHE)
+async def download_video(task_id: str, video_url: str, output_dir: str) -> DownloadedVideo:
+    """Save a finished video to ``output_dir/<task_id>.mp4`` before its URL expires.
+
+    Args:
+        task_id: The NanoPhoto task id; it names the file.
+        video_url: Where NanoPhoto serves the finished video.
+        output_dir: The folder to save it in.
+
+    Returns:
+        The saved file's path, size and SHA-256.
+    """
+    async with open_client() as client:
+        video = await client.download(video_url, Path(output_dir) / f"{task_id}.mp4")
+    get_run_logger().info("saved %s (%d bytes, sha256 %s)", video.path, video.size, video.sha256)
+    return video

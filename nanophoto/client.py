@@ -94,7 +94,9 @@ class NanoPhotoClient:
         base_url = httpx.URL(self.settings.base_url.rstrip("/"))
         self.retry = retry or RetryPolicy(
             max_retries=self.settings.max_retries,
-            max_retry_after=self.settings.max_retry_delay,
+            base_delay=self.settings.retry_base_delay,
+            max_delay=self.settings.retry_max_delay,
+            max_retry_after=self.settings.retry_after_max,
         )
         self._sleep = sleep
         self._http = httpx.AsyncClient(

@@ -42,8 +42,12 @@ class NanoPhotoSettings(BaseSettings):
     max_retries: int = Field(
         default=3, ge=0, le=10, description="Retries of a call that is safe to retry."
     )
-    max_retry_delay: float = Field(
-        default=60.0, gt=0, description="Longest back-off, even if Retry-After asks more."
+    retry_base_delay: float = Field(
+        default=0.5, gt=0, description="First back-off in seconds; doubles each retry."
+    )
+    retry_max_delay: float = Field(default=8.0, gt=0, description="Longest back-off.")
+    retry_after_max: float = Field(
+        default=60.0, gt=0, description="Longest wait a Retry-After header can ask for."
     )
     initial_status_delay: float = Field(default=INITIAL_STATUS_DELAY_S, ge=0)
     status_check_interval: float = Field(default=STATUS_CHECK_INTERVAL_S, gt=0)

@@ -54,19 +54,27 @@ class WatchSchedule(BaseModel):
             max_wait=self.max_wait * factor,
         )
 
-    def first_check(self) -> float:
-        """Seconds after submit of the first check."""
-        return min(self.initial_delay, self.max_wait)
+    def check_time(self, index: int) -> float:
+        """Seconds after submit of check number ``index`` (0-based), capped at max_wait.
 
-    def next_check(self, previous: float, elapsed: float) -> float:
-        """The slot after ``previous`` that is not already past at ``elapsed``.
+        Computed from the index, not summed, so scaled floats do not drift.
+        """
+        return min(self.initial_delay + index * self.interval, self.max_wait)
+
+    def is_last(self, index: int) -> bool:
+        """Whether check ``index`` is the one at max_wait."""
+        return self.initial_delay + index * self.interval >= self.max_wait * (1 - 1e-9)
+
+    def next_index(self, index: int, elapsed: float) -> int:
+        """The check after ``index`` that is not already past at ``elapsed``.
 
         Slots missed while a check was slow are skipped, not crowded in.
         """
-        slot = previous + self.interval
-        if elapsed > slot:
-            slot += math.ceil((elapsed - slot) / self.interval) * self.interval
-        return min(slot, self.max_wait)
+        following = index + 1
+        behind = elapsed - (self.initial_delay + following * self.interval)
+        if behind > 0:
+            following += math.ceil(behind / self.interval - 1e-9)
+        return following
 
 
 async def watch_video(
@@ -88,9 +96,9 @@ async def watch_video(
     """
     start = clock() if submitted_at is None else submitted_at
     last: VideoStatus | None = None
-    due = schedule.first_check()
+    index = 0
     while True:
-        await sleep(max(0.0, due - (clock() - start)))
+        await sleep(max(0.0, schedule.check_time(index) - (clock() - start)))
         try:
             last = await check(task_id)
         except NanoPhotoError as error:
@@ -101,11 +109,11 @@ async def watch_video(
         else:
             if not last.is_running:
                 return last
-        if due >= schedule.max_wait:
+        if schedule.is_last(index):
             seen = last.status if last is not None else "no answer"
             raise WaitTimeoutError(
                 f"video {task_id} was not finished after {schedule.max_wait:g} s "
                 f"(last status: {seen}). It may still finish: resume watching it "
                 f"by its task id instead of submitting again."
             )
-        due = schedule.next_check(due, clock() - start)
+        index = schedule.next_index(index, clock() - start)

@@ -1,0 +1,34 @@
+"""One Prefect test server for the whole session (it takes ~25 s to start)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from nanophoto.simulator import DEFAULT_KEY, Simulator
+from tests.conftest import MakeSimulator
+
+
+@pytest.fixture(autouse=True, scope="session")
+def prefect_server() -> Iterator[None]:
+    """A temporary Prefect server and SQLite database, started once."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def api(make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch) -> Simulator:
+    """A simulator the tasks talk to, through the environment, as in production."""
+    simulator = make_simulator()
+    use_simulator(simulator, monkeypatch)
+    return simulator
+
+
+def use_simulator(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the tasks' settings at ``simulator``, with short back-offs."""
+    monkeypatch.setenv("NANOPHOTO_BASE_URL", simulator.base_url)
+    monkeypatch.setenv("NANOPHOTO_API_KEY", DEFAULT_KEY)
+    monkeypatch.setenv("NANOPHOTO_RETRY_BASE_DELAY", "0.01")
+    monkeypatch.setenv("NANOPHOTO_RETRY_MAX_DELAY", "0.05")

@@ -1,0 +1,97 @@
+"""The key is found where the published tools look, and never shown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from nanophoto.client import NanoPhotoClient
+from nanophoto.errors import MissingAPIKeyError
+from nanophoto.settings import NanoPhotoSettings, resolve_api_key
+
+SECRET = "np-live-secret-1234567890"
+
+
+def write_openclaw(path: Path, skill: str, key: str) -> None:
+    document = {"skills": {"entries": {skill: {"env": {"NANOPHOTO_API_KEY": key}}}}}
+    path.write_text(json.dumps(document), encoding="utf-8")
+
+
+def test_explicit_key_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOPHOTO_API_KEY", "from-env")
+    assert resolve_api_key("explicit").get_secret_value() == "explicit"
+    assert resolve_api_key(None).get_secret_value() == "from-env"
+
+
+def test_empty_values_count_as_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NANOPHOTO_API_KEY", "   ")
+    openclaw = tmp_path / "openclaw.json"
+    write_openclaw(openclaw, "sora-2-generate", "from-file")
+    monkeypatch.setenv("NANOPHOTO_OPENCLAW_FILE", str(openclaw))
+    assert resolve_api_key("").get_secret_value() == "from-file"
+
+
+@pytest.mark.parametrize("skill", ["sora-2-generate", "video-prompt-generator"])
+def test_openclaw_file_is_the_last_resort(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, skill: str
+) -> None:
+    openclaw = tmp_path / "openclaw.json"
+    write_openclaw(openclaw, skill, SECRET)
+    monkeypatch.setenv("NANOPHOTO_OPENCLAW_FILE", str(openclaw))
+    assert resolve_api_key().get_secret_value() == SECRET
+
+
+def test_extra_sources_come_between_environment_and_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    openclaw = tmp_path / "openclaw.json"
+    write_openclaw(openclaw, "sora-2-generate", "from-file")
+    monkeypatch.setenv("NANOPHOTO_OPENCLAW_FILE", str(openclaw))
+    key = resolve_api_key(extra_sources=(("the Prefect block 'x'", SecretStr("from-block")),))
+    assert key.get_secret_value() == "from-block"
+
+
+def test_missing_key_names_every_place_looked(tmp_path: Path) -> None:
+    with pytest.raises(MissingAPIKeyError) as caught:
+        resolve_api_key()
+    message = str(caught.value)
+    assert "--api-key" in message
+    assert "NANOPHOTO_API_KEY" in message
+    assert "openclaw.json" in message
+    assert "sora-2-generate" in message
+    assert "video-prompt-generator" in message
+
+
+def test_broken_openclaw_file_counts_as_no_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    openclaw = tmp_path / "openclaw.json"
+    openclaw.write_text("{not json", encoding="utf-8")
+    monkeypatch.setenv("NANOPHOTO_OPENCLAW_FILE", str(openclaw))
+    with pytest.raises(MissingAPIKeyError):
+        resolve_api_key()
+
+
+def test_key_never_shows_in_reprs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOPHOTO_API_KEY", SECRET)
+    settings = NanoPhotoSettings()
+    client = NanoPhotoClient(settings=settings)
+    for text in (repr(settings), str(settings), repr(client), str(settings.model_dump())):
+        assert SECRET not in text
+
+
+def test_settings_read_the_watch_schedule_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    defaults = NanoPhotoSettings()
+    assert (defaults.initial_status_delay, defaults.status_check_interval, defaults.max_wait) == (
+        120.0,
+        20.0,
+        1200.0,
+    )
+    assert defaults.base_url == "https://nanophoto.ai"
+    monkeypatch.setenv("NANOPHOTO_STATUS_CHECK_INTERVAL", "5")
+    assert NanoPhotoSettings().status_check_interval == 5.0

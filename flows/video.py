@@ -95,9 +95,12 @@ async def topic_to_video(
     )
     started = time.monotonic()
     prompt = await generate_prompt(prompt_request)
-    timings = StageTimings(prompt=time.monotonic() - started)
     return await make_video(
-        options.with_prompt(prompt), schedule, output_dir, timings, prompt_credits=PROMPT_COST
+        options.with_prompt(prompt.text),
+        schedule,
+        output_dir,
+        prompt_seconds=time.monotonic() - started,
+        prompt_credits=PROMPT_COST * prompt.streams_charged,
     )
 
 
@@ -138,66 +141,116 @@ async def prompt_to_video(
         aspect_ratio=aspect_ratio,
         video_duration=video_duration,
     )
-    return await make_video(request, schedule, output_dir, StageTimings())
+    return await make_video(request, schedule, output_dir)
+
+
+@flow(name="resume-video")
+async def resume_video(
+    task_id: str,
+    schedule: WatchSchedule = WatchSchedule(initial_delay=0),
+    output_dir: str | None = "videos",
+) -> VideoResult:
+    """Finish a video that was already submitted: watch it, download it, report it.
+
+    For a run that timed out, crashed, or a job started elsewhere. Nothing is
+    submitted, so nothing is charged.
+
+    Args:
+        task_id: The NanoPhoto task id of the submitted video.
+        schedule: When to check, in seconds from now: first check (0: at once),
+            interval, and when to stop watching.
+        output_dir: Folder to save the video in, named by its task id; empty to
+            skip the download.
+
+    Returns:
+        The task id, video URL and file, credits used and stage timings.
+    """
+    return await finish_video(
+        VideoStatus(task_id=task_id, status="processing"),
+        schedule,
+        output_dir,
+        submitted_at=time.monotonic(),
+    )
 
 
 async def make_video(
     request: VideoRequest,
     schedule: WatchSchedule,
     output_dir: str | None,
-    timings: StageTimings,
     *,
+    prompt_seconds: float = 0.0,
     prompt_credits: int = 0,
 ) -> VideoResult:
-    """Submit once, watch on ``schedule``, download: the part both flows share."""
-    logger = get_run_logger()
+    """Submit once, then finish the video: the part both submitting flows share."""
     started = time.monotonic()
-    status = await submit_video(request)
+    submitted = await submit_video(request)
     submitted_at = time.monotonic()
-    timings.submit = submitted_at - started
+    return await finish_video(
+        submitted,
+        schedule,
+        output_dir,
+        submitted_at=submitted_at,
+        prompt=request.prompt,
+        expected_cost=request.cost,
+        timings=StageTimings(prompt=prompt_seconds, submit=submitted_at - started),
+        prompt_credits=prompt_credits,
+    )
+
+
+async def finish_video(
+    submitted: VideoStatus,
+    schedule: WatchSchedule,
+    output_dir: str | None,
+    *,
+    submitted_at: float,
+    prompt: str = "",
+    expected_cost: int | None = None,
+    timings: StageTimings | None = None,
+    prompt_credits: int = 0,
+) -> VideoResult:
+    """Watch a submitted video on ``schedule`` until it is final, then download it."""
+    logger = get_run_logger()
+    task_id = submitted.task_id
 
     def note_transient(error: NanoPhotoError) -> None:
-        logger.warning("status check failed (%s); still watching %s", error, status.task_id)
+        logger.warning("status check failed (%s); still watching %s", error, task_id)
 
+    status = submitted
     if status.is_running:
         status = await watch_video(
-            status.task_id,
-            _check,
-            schedule,
-            submitted_at=submitted_at,
-            on_transient_error=note_transient,
+            task_id, _check, schedule, submitted_at=submitted_at, on_transient_error=note_transient
         )
-    timings.wait = time.monotonic() - submitted_at
+    wait_seconds = time.monotonic() - submitted_at
     if status.is_failed or status.video_url is None:
+        refund = f"its {expected_cost} credits" if expected_cost is not None else "its credits"
         raise GenerationFailedError(
-            f"video {status.task_id} failed: {status.error or 'no reason given'}. "
-            f"NanoPhoto refunds its {request.cost} credits; a new submit is charged again.",
+            f"video {task_id} failed: {status.error or 'no reason given'}. "
+            f"NanoPhoto refunds {refund}; a new submit is charged again.",
             code=status.error_code or GenerationFailedError.code,
         )
-    result = VideoResult(
-        task_id=status.task_id,
-        video_url=status.video_url,
-        generation_time=status.generation_time,
-        prompt_credits=prompt_credits,
-        video_credits=status.credits_used if status.credits_used is not None else request.cost,
-        prompt=request.prompt,
-        timings=timings,
-    )
+    download_seconds, video = 0.0, None
     if output_dir:
         started = time.monotonic()
-        video = await download_video(status.task_id, status.video_url, output_dir)
-        timings.download = time.monotonic() - started
-        result = result.model_copy(
-            update={
-                "video_path": str(video.path),
-                "video_size": video.size,
-                "video_sha256": video.sha256,
-                "timings": timings,
-            }
-        )
+        video = await download_video(task_id, status.video_url, output_dir)
+        download_seconds = time.monotonic() - started
+    credits = status.credits_used if status.credits_used is not None else expected_cost
+    result = VideoResult(
+        task_id=task_id,
+        video_url=status.video_url,
+        video_path=str(video.path) if video else None,
+        video_size=video.size if video else None,
+        video_sha256=video.sha256 if video else None,
+        generation_time=status.generation_time,
+        prompt_credits=prompt_credits,
+        video_credits=int(credits or 0),
+        prompt=prompt,
+        timings=(timings or StageTimings()).model_copy(
+            update={"wait": wait_seconds, "download": download_seconds}
+        ),
+    )
     logger.info(
         "video %s ready: %s credits, generated in %s s",
-        result.task_id,
+        task_id,
         result.credits_used,
         result.generation_time,
     )

@@ -12,7 +12,8 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,17 +24,20 @@ from pydantic import SecretStr, ValidationError
 
 from nanophoto.contract import FAILED, PROMPT_PATH, STATUS_PATH, SUBMIT_PATH
 from nanophoto.errors import (
+    ConfigurationError,
     ConnectError,
     ConnectionDroppedError,
     GatewayError,
-    GenerationFailedError,
     NanoPhotoError,
+    RateLimitError,
     RequestTimeoutError,
     SubmitOutcomeUnknownError,
     TransportError,
+    VideoUnavailableError,
     error_from_response,
+    json_object,
 )
-from nanophoto.models import PromptRequest, VideoRequest, VideoStatus
+from nanophoto.models import GeneratedPrompt, PromptRequest, VideoRequest, VideoStatus
 from nanophoto.retry import RetryPolicy
 from nanophoto.settings import NanoPhotoSettings, resolve_api_key
 
@@ -44,10 +48,7 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 class _BearerAuth(httpx.Auth):
-    """Adds the key to requests for the API's own origin, and nowhere else.
-
-    The video URL lives on another host: the key must never travel there.
-    """
+    """Adds the key to requests for the API's own origin, and nowhere else."""
 
     def __init__(self, key: SecretStr, origin: httpx.URL) -> None:
         self._key = key
@@ -87,30 +88,35 @@ class NanoPhotoClient:
         retry: RetryPolicy | None = None,
         sleep: Sleep = asyncio.sleep,
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        extra_key_sources: tuple[tuple[str, SecretStr | None], ...] = (),
     ) -> None:
         self.settings = settings or NanoPhotoSettings()
         self._logger = logger or _logger
-        key = resolve_api_key(api_key, settings=self.settings)
+        key = resolve_api_key(api_key, settings=self.settings, extra_sources=extra_key_sources)
         base_url = httpx.URL(self.settings.base_url.rstrip("/"))
         self.retry = retry or RetryPolicy(
             max_retries=self.settings.max_retries,
             base_delay=self.settings.retry_base_delay,
             max_delay=self.settings.retry_max_delay,
             max_retry_after=self.settings.retry_after_max,
+            rate_limit_delay=self.settings.retry_rate_limit_delay,
         )
         self._sleep = sleep
+        timeout = httpx.Timeout(
+            connect=self.settings.connect_timeout,
+            read=self.settings.read_timeout,
+            write=self.settings.write_timeout,
+            pool=self.settings.connect_timeout,
+        )
         self._http = httpx.AsyncClient(
             base_url=base_url,
             auth=_BearerAuth(key, base_url),
             transport=transport,
-            timeout=httpx.Timeout(
-                connect=self.settings.connect_timeout,
-                read=self.settings.read_timeout,
-                write=self.settings.write_timeout,
-                pool=self.settings.connect_timeout,
-            ),
+            timeout=timeout,
             headers={"User-Agent": "sora2-flows"},
         )
+        # Videos live on another host: no key there, and redirects are followed.
+        self._media = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=True)
 
     def __repr__(self) -> str:
         return f"NanoPhotoClient(base_url={self.settings.base_url!r})"
@@ -127,12 +133,13 @@ class NanoPhotoClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         await self._http.aclose()
+        await self._media.aclose()
 
     # --- endpoints -------------------------------------------------------------
 
-    async def stream_prompt(self, request: PromptRequest) -> AsyncIterator[str]:
+    async def stream_prompt(self, request: PromptRequest) -> AsyncGenerator[str, None]:
         """Yield the prompt's text as the server writes it (one attempt).
 
         A stream cannot be retried without repeating text, so this makes one
@@ -140,12 +147,16 @@ class NanoPhotoClient:
         """
         with _mapped_transport_errors():
             async with self._http.stream("POST", PROMPT_PATH, json=request.to_wire()) as response:
-                if response.status_code != 200:
+                if response.status_code != 200 or "json" in response.headers.get(
+                    "content-type", ""
+                ):
+                    # An error, or a 200 carrying an error document instead of a stream.
                     body = await response.aread()
-                    raise error_from_response(response.status_code, body, response.headers)
-                if "json" in response.headers.get("content-type", ""):
-                    # A 200 with an error document instead of a stream.
-                    raise error_from_response(500, await response.aread(), response.headers)
+                    raise error_from_response(
+                        response.status_code if response.status_code != 200 else 500,
+                        body,
+                        response.headers,
+                    )
                 # httpx's incremental decoder keeps a character that is split
                 # across chunks whole.
                 async for text in response.aiter_text():
@@ -157,49 +168,55 @@ class NanoPhotoClient:
         request: PromptRequest,
         *,
         on_text: Callable[[str], None] | None = None,
-        on_restart: Callable[[NanoPhotoError], None] | None = None,
-    ) -> str:
-        """The whole prompt, streamed; restarted from scratch on a transient error.
+        on_discard: Callable[[NanoPhotoError, int], None] | None = None,
+    ) -> GeneratedPrompt:
+        """The whole prompt, streamed; started again from scratch on a transient error.
 
-        A failed prompt is refunded, so a restart costs nothing extra.
-        ``on_text`` sees each piece as it arrives; ``on_restart`` is told
-        when text already seen is being thrown away.
+        ``on_text`` sees each piece as it arrives; ``on_discard`` is told when
+        text already seen is thrown away. A stream the server cuts counts as a
+        failed generation, which NanoPhoto refunds; a stream *we* abandon after
+        our read time-out may still be charged, so it is counted in
+        ``streams_charged``.
         """
+        abandoned = 0
 
         async def attempt() -> str:
+            nonlocal abandoned
             pieces: list[str] = []
             try:
-                async for text in self.stream_prompt(request):
-                    pieces.append(text)
-                    if on_text is not None:
-                        on_text(text)
+                async with aclosing(self.stream_prompt(request)) as stream:
+                    async for text in stream:
+                        pieces.append(text)
+                        if on_text is not None:
+                            on_text(text)
             except NanoPhotoError as error:
-                if pieces and on_restart is not None and error.retryable:
-                    on_restart(error)
+                if pieces:
+                    abandoned += isinstance(error, RequestTimeoutError)
+                    if on_discard is not None:
+                        on_discard(error, sum(map(len, pieces)))
                 raise
             prompt = "".join(pieces).strip()
             if not prompt:
                 raise ConnectionDroppedError("the prompt stream ended with no text")
             return prompt
 
-        return await self._call("generate-prompt", attempt, retry_if=_transient)
+        text = await self._call("generate-prompt", attempt, retry_if=_transient)
+        return GeneratedPrompt(text=text, streams_charged=1 + abandoned)
 
     async def submit(self, request: VideoRequest) -> VideoStatus:
         """Start a video; its ``task_id`` is what to watch.
 
         Retried only if the request surely did not start (no connection, or
-        a 429). Any other transport failure raises
+        a 429). Any other failure that may have reached the server raises
         ``SubmitOutcomeUnknownError``: sending it again could charge twice.
         """
 
         async def attempt() -> VideoStatus:
-            document = await self._post_json(SUBMIT_PATH, request.to_wire())
+            document = await self._post(SUBMIT_PATH, request.to_wire())
             try:
                 return VideoStatus.model_validate(document)
             except ValidationError as error:
-                raise GatewayError(
-                    f"submit answer has no taskId: {error.errors()[0]['msg']}"
-                ) from None
+                raise GatewayError(f"submit answer without a task: {_first(error)}") from None
 
         try:
             return await self._call("generate", attempt, retry_if=_surely_not_started)
@@ -214,41 +231,43 @@ class NanoPhotoClient:
             raise
 
     async def check_status(self, task_id: str) -> VideoStatus:
-        """The video task's state; a failed generation is a status, not an error."""
+        """The video task's state; a failed generation is a status, not an error.
+
+        A 429 is not retried here: the next scheduled check is the retry, and
+        retrying sooner spends more of an hourly budget that is already spent.
+        """
         if not task_id or not task_id.strip():
             raise ValueError("task_id: must be a non-empty NanoPhoto task id")
 
         async def attempt() -> VideoStatus:
-            try:
-                document = await self._post_json(STATUS_PATH, {"taskId": task_id})
-            except GenerationFailedError as error:
-                # The contract leaves open whether a failure is HTTP 200 or 500.
-                return VideoStatus(
-                    task_id=task_id, status=FAILED, error=error.message, error_code=error.code
-                )
+            document = await self._post(STATUS_PATH, {"taskId": task_id})
             document.setdefault("taskId", task_id)
+            if document.get("status") == FAILED:
+                document.setdefault("errorCode", "GENERATION_FAILED")
             try:
                 return VideoStatus.model_validate(document)
             except ValidationError as error:
-                raise GatewayError(f"malformed status answer: {error.errors()[0]['msg']}") from None
+                raise GatewayError(f"malformed status answer: {_first(error)}") from None
 
-        return await self._call("check-status", attempt, retry_if=_transient)
+        return await self._call("check-status", attempt, retry_if=_transient_not_rate_limit)
 
     async def download(self, url: str, destination: Path) -> DownloadedVideo:
         """Stream the video at ``url`` to ``destination``, atomically."""
         destination.parent.mkdir(parents=True, exist_ok=True)
         partial = destination.with_name(f".{destination.name}.{os.getpid()}.part")
-        digest, size = hashlib.sha256(), 0
 
         async def attempt() -> DownloadedVideo:
-            nonlocal digest, size
             digest, size = hashlib.sha256(), 0
             with _mapped_transport_errors():
-                async with self._http.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        raise error_from_response(
-                            response.status_code, await response.aread(), response.headers
+                async with self._media.stream("GET", url) as response:
+                    if response.status_code in (403, 404, 410):
+                        raise VideoUnavailableError(
+                            f"the video host refused {url} (expired or unknown)",
+                            status=response.status_code,
                         )
+                    if response.status_code != 200:
+                        body = await response.aread()
+                        raise error_from_response(response.status_code, body, response.headers)
                     with partial.open("wb") as file:
                         async for chunk in response.aiter_bytes():
                             file.write(chunk)
@@ -264,22 +283,25 @@ class NanoPhotoClient:
 
     # --- plumbing ----------------------------------------------------------------
 
-    async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST; the answer's JSON document, or the error it maps to.
+
+        A document whose status is ``failed`` is an answer whatever the HTTP
+        code: the contract leaves open whether a failure comes with 200 or 500.
+        A 200 that is not JSON is a garbled answer, not a refusal: the call may
+        have been carried out.
+        """
         with _mapped_transport_errors():
             response = await self._http.post(path, json=body)
-        try:
-            document = response.json()
-        except ValueError:
-            document = None
-        if (
-            response.status_code != 200
-            or not isinstance(document, dict)
-            or (document.get("success") is False and document.get("status") != FAILED)
-        ):
-            raise error_from_response(response.status_code, response.content, response.headers)
-        if document.get("status") == FAILED and document.get("errorCode") == "GENERATION_FAILED":
-            raise error_from_response(500, response.content, response.headers)
-        return document
+        document = json_object(response.content)
+        if document is not None and document.get("status") == FAILED:
+            return document
+        if response.status_code == 200:
+            if document is None:
+                raise GatewayError("HTTP 200 but the answer is not a JSON object", status=200)
+            if document.get("success") is not False:
+                return document
+        raise error_from_response(response.status_code, response.content, response.headers)
 
     async def _call(
         self,
@@ -288,11 +310,17 @@ class NanoPhotoClient:
         *,
         retry_if: Callable[[NanoPhotoError], bool],
     ) -> T:
-        """Run ``attempt``, retrying errors that ``retry_if`` allows."""
+        """Run ``attempt``, each within the call time limit, retrying what ``retry_if`` allows."""
         retry = 0
         while True:
             try:
-                return await attempt()
+                try:
+                    async with asyncio.timeout(self.settings.call_timeout):
+                        return await attempt()
+                except TimeoutError:
+                    raise RequestTimeoutError(
+                        f"{name} took longer than {self.settings.call_timeout:g} s"
+                    ) from None
             except NanoPhotoError as error:
                 if retry >= self.retry.max_retries or not retry_if(error):
                     raise
@@ -313,32 +341,47 @@ def _transient(error: NanoPhotoError) -> bool:
     return error.retryable
 
 
+def _transient_not_rate_limit(error: NanoPhotoError) -> bool:
+    return error.retryable and not isinstance(error, RateLimitError)
+
+
 def _surely_not_started(error: NanoPhotoError) -> bool:
     return error.retryable and not error.may_have_started
 
 
-class _mapped_transport_errors:
-    """Turn httpx's transport exceptions into our retryable errors."""
+def _first(error: ValidationError) -> str:
+    detail = error.errors()[0]
+    return f"{'.'.join(map(str, detail['loc']))}: {detail['msg']}"
 
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None or not isinstance(exc, httpx.TransportError):
-            return
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        error: TransportError
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
-            error = ConnectError(f"could not connect: {detail}")
-        elif isinstance(exc, httpx.TimeoutException):
-            error = RequestTimeoutError(f"no answer in time: {detail}")
-        elif isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
-            error = ConnectionDroppedError(f"connection dropped: {detail}")
-        else:
-            error = TransportError(f"transport failure: {detail}", code="TRANSPORT_ERROR")
-        raise error from exc
+@contextmanager
+def _mapped_transport_errors() -> Generator[None, None, None]:
+    """Turn httpx's exceptions into ours.
+
+    A request httpx refused to build (for example a header with a line break)
+    never left this machine; its message may quote the header, so it is not
+    repeated and not chained.
+    """
+    try:
+        yield
+    except (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        raise ConfigurationError(
+            f"the request could not be built ({type(exc).__name__}); "
+            "check NANOPHOTO_BASE_URL and the API key for stray characters"
+        ) from None
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise ConnectError(f"could not connect: {_describe(exc)}") from exc
+    except httpx.TimeoutException as exc:
+        raise RequestTimeoutError(f"no answer in time: {_describe(exc)}") from exc
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        raise ConnectionDroppedError(f"connection dropped: {_describe(exc)}") from exc
+    except httpx.DecodingError as exc:
+        raise GatewayError(f"undecodable answer: {_describe(exc)}") from exc
+    except httpx.HTTPError as exc:
+        raise TransportError(
+            f"transport failure: {_describe(exc)}", code="TRANSPORT_ERROR"
+        ) from exc
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from nanophoto.contract import ERROR_SPECS, GATEWAY_STATUSES
+from nanophoto.contract import ERROR_SPECS
 
 
 class NanoPhotoError(Exception):
@@ -172,10 +172,24 @@ class MissingAPIKeyError(NanoPhotoError):
     may_have_started = False
 
 
+class ConfigurationError(NanoPhotoError):
+    """A setting or key that cannot work (e.g. a key with a line break in it)."""
+
+    code = "CONFIGURATION_ERROR"
+    may_have_started = False
+
+
 class WaitTimeoutError(NanoPhotoError):
     """The video did not finish within the maximum wait; it may still finish."""
 
     code = "WAIT_TIMEOUT"
+
+
+class VideoUnavailableError(NanoPhotoError):
+    """The video host refused the download (expired or unknown URL); final."""
+
+    code = "VIDEO_UNAVAILABLE"
+    may_have_started = False
 
 
 class SubmitOutcomeUnknownError(NanoPhotoError):
@@ -225,34 +239,40 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 def error_from_response(
     status: int, body: bytes, headers: Mapping[str, str] | None = None
 ) -> NanoPhotoError:
-    """Map an HTTP error answer (JSON document or gateway page) to an error."""
-    document = _json_object(body)
+    """Map an HTTP error answer (JSON error document or anything else) to an error.
+
+    Anything that is not a JSON error document (a CDN page, a challenge, a
+    body cut short) is not an API answer: a retryable ``GatewayError`` that may
+    have started, except a 429, which is a rate limit whatever its body.
+    """
+    document = json_object(body)
+    retry_after = parse_retry_after((headers or {}).get("retry-after"))
     if document is None or ("errorCode" not in document and "error" not in document):
-        if status in GATEWAY_STATUSES or status >= 500:
-            return GatewayError(
-                f"gateway error, not an API answer: {_snippet(body)}", status=status
+        if status == 429:
+            error: NanoPhotoError = RateLimitError(
+                f"rate limited (not an API answer): {_snippet(body)}", status=status
             )
-        return APIError(
-            f"unexpected non-JSON answer: {_snippet(body)}",
-            code=f"HTTP_{status}",
-            status=status,
-        )
-    code = str(document.get("errorCode") or f"HTTP_{status}")
-    spec = ERROR_SPECS.get(code)
-    message = str(document.get("error") or (spec.meaning if spec else code))
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(status)
-    if cls is None:
-        cls = ServerError if status >= 500 else APIError
-    error = cls(message, code=code, status=status)
-    if isinstance(error, InsufficientCreditsError):
-        required = document.get("requiredCredits")
-        error.required_credits = int(required) if isinstance(required, int) else None
+        else:
+            error = GatewayError(f"not an API answer: {_snippet(body)}", status=status)
+    else:
+        code = str(document.get("errorCode") or f"HTTP_{status}")
+        spec = ERROR_SPECS.get(code)
+        message = str(document.get("error") or (spec.meaning if spec else code))
+        # The code decides the kind; the HTTP status only when the code is unknown.
+        cls = _BY_CODE.get(code) or _BY_STATUS.get(spec.http_status if spec else status)
+        if cls is None:
+            cls = ServerError if status >= 500 else APIError
+        error = cls(message, code=code, status=status)
+        if isinstance(error, InsufficientCreditsError):
+            required = document.get("requiredCredits")
+            error.required_credits = required if isinstance(required, int) else None
     if isinstance(error, RateLimitError):
-        error.retry_after = parse_retry_after((headers or {}).get("retry-after"))
+        error.retry_after = retry_after
     return error
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None if it is anything else."""
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -6,12 +6,15 @@ names the field before any request is sent and before any credit is spent.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -141,6 +144,36 @@ class VideoRequest(VideoOptions):
         return body
 
 
+def _number_or_none(value: Any) -> float | None:
+    """Cosmetic numbers never block a finished video: unparsable becomes None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+LenientNumber = Annotated[float | None, BeforeValidator(_number_or_none)]
+TaskId = Annotated[str, BeforeValidator(lambda value: str(value) if value is not None else value)]
+_SAFE_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def video_filename(task_id: str) -> str:
+    """``<task_id>.mp4``, refusing ids that could escape a folder (``/``, ``..``)."""
+    if not _SAFE_TASK_ID.fullmatch(task_id) or ".." in task_id:
+        raise ValueError(f"task_id: {task_id!r} is not a safe file name")
+    return f"{task_id}.mp4"
+
+
+@dataclass(frozen=True)
+class GeneratedPrompt:
+    """A prompt's text, and how many prompt streams may have been charged for it."""
+
+    text: str
+    streams_charged: int = 1
+
+
 class _Response(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 
@@ -153,11 +186,11 @@ class VideoStatus(_Response):
     and ``generating``.
     """
 
-    task_id: str = Field(alias="taskId")
+    task_id: TaskId = Field(alias="taskId", min_length=1)
     status: str
     video_url: str | None = Field(default=None, alias="videoUrl")
-    generation_time: float | None = Field(default=None, alias="generationTime")
-    credits_used: int | None = Field(default=None, alias="creditsUsed")
+    generation_time: LenientNumber = Field(default=None, alias="generationTime")
+    credits_used: LenientNumber = Field(default=None, alias="creditsUsed")
     message: str | None = None
     error: str | None = None
     error_code: str | None = Field(default=None, alias="errorCode")

@@ -22,10 +22,17 @@ class RetryPolicy:
     base_delay: float = 0.5
     max_delay: float = 8.0
     max_retry_after: float = 60.0
+    rate_limit_delay: float = 15.0
 
     def delay(self, retry: int, error: NanoPhotoError) -> float:
-        """Seconds to wait before retry number ``retry`` (0-based) after ``error``."""
-        if isinstance(error, RateLimitError) and error.retry_after is not None:
-            return min(float(error.retry_after), self.max_retry_after)
-        backoff: float = min(self.base_delay * 2**retry, self.max_delay)
+        """Seconds to wait before retry number ``retry`` (0-based) after ``error``.
+
+        A 429 without ``Retry-After`` waits longer than other errors: the
+        budget is per hour, so half a second later it is still spent.
+        """
+        if isinstance(error, RateLimitError):
+            if error.retry_after is not None:
+                return min(float(error.retry_after), self.max_retry_after)
+            return min(self.rate_limit_delay * 2.0**retry, self.max_retry_after)
+        backoff = min(self.base_delay * 2.0**retry, self.max_delay)
         return backoff * (1 - 0.25 * random.random())

@@ -14,13 +14,8 @@ from typing import Final
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nanophoto.contract import (
-    DEFAULT_BASE_URL,
-    INITIAL_STATUS_DELAY_S,
-    MAX_WAIT_S,
-    STATUS_CHECK_INTERVAL_S,
-)
-from nanophoto.errors import MissingAPIKeyError
+from nanophoto.contract import DEFAULT_BASE_URL
+from nanophoto.errors import ConfigurationError, MissingAPIKeyError
 
 VIDEO_SKILL: Final = "sora-2-generate"
 PROMPT_SKILL: Final = "video-prompt-generator"
@@ -46,12 +41,15 @@ class NanoPhotoSettings(BaseSettings):
         default=0.5, gt=0, description="First back-off in seconds; doubles each retry."
     )
     retry_max_delay: float = Field(default=8.0, gt=0, description="Longest back-off.")
+    retry_rate_limit_delay: float = Field(
+        default=15.0, gt=0, description="First back-off after a 429 without Retry-After."
+    )
     retry_after_max: float = Field(
         default=60.0, gt=0, description="Longest wait a Retry-After header can ask for."
     )
-    initial_status_delay: float = Field(default=INITIAL_STATUS_DELAY_S, ge=0)
-    status_check_interval: float = Field(default=STATUS_CHECK_INTERVAL_S, gt=0)
-    max_wait: float = Field(default=MAX_WAIT_S, gt=0)
+    call_timeout: float = Field(
+        default=300.0, gt=0, description="Most seconds one attempt of a call may take."
+    )
     openclaw_file: Path = Field(
         default=OPENCLAW_FILE, description="The OpenClaw config holding skill keys."
     )
@@ -63,6 +61,16 @@ def _present(value: str | SecretStr | None) -> SecretStr | None:
         return None
     raw = value.get_secret_value() if isinstance(value, SecretStr) else value
     return SecretStr(raw.strip()) if raw and raw.strip() else None
+
+
+def _check_key_characters(key: SecretStr, place: str) -> None:
+    """Refuse a key that cannot be sent in a header, without ever echoing it."""
+    raw = key.get_secret_value()
+    if not (raw.isascii() and raw.isprintable()) or any(c.isspace() for c in raw):
+        raise ConfigurationError(
+            f"the API key from {place} contains spaces, line breaks or non-ASCII "
+            "characters; copy it again from https://nanophoto.ai/settings/apikeys"
+        )
 
 
 def key_from_openclaw(path: Path, skill: str = VIDEO_SKILL) -> SecretStr | None:
@@ -89,13 +97,22 @@ def resolve_api_key(
     ``skills``. Raises ``MissingAPIKeyError`` naming every place looked at.
     """
     settings = settings or NanoPhotoSettings()
-    for candidate in (explicit, settings.api_key, *(value for _, value in extra_sources)):
+    candidates: list[tuple[str, str | SecretStr | None]] = [
+        ("the explicit key", explicit),
+        ("NANOPHOTO_API_KEY", settings.api_key),
+        *extra_sources,
+    ]
+    for skill in skills:
+        candidates.append(
+            (
+                f"{settings.openclaw_file} ({skill})",
+                key_from_openclaw(settings.openclaw_file, skill),
+            )
+        )
+    for place, candidate in candidates:
         key = _present(candidate)
         if key is not None:
-            return key
-    for skill in skills:
-        key = key_from_openclaw(settings.openclaw_file, skill)
-        if key is not None:
+            _check_key_characters(key, place)
             return key
     places = [
         "an explicit key (--api-key)",

@@ -26,7 +26,13 @@ from prefect.cache_policies import NO_CACHE
 
 from nanophoto.client import DownloadedVideo, NanoPhotoClient
 from nanophoto.errors import NanoPhotoError
-from nanophoto.models import PromptRequest, VideoRequest, VideoStatus
+from nanophoto.models import (
+    GeneratedPrompt,
+    PromptRequest,
+    VideoRequest,
+    VideoStatus,
+    video_filename,
+)
 
 
 @asynccontextmanager
@@ -48,9 +54,11 @@ class _LineLogger:
         for line in lines:
             self._logger.info("prompt | %s", line)
 
-    def restart(self, error: NanoPhotoError) -> None:
+    def discard(self, error: NanoPhotoError, characters: int) -> None:
         self._pending = ""
-        self._logger.warning("prompt stream broke (%s); starting it again", error.code)
+        self._logger.warning(
+            "prompt stream broke after %d characters (%s); discarding them", characters, error.code
+        )
 
     def flush(self) -> None:
         if self._pending:
@@ -59,18 +67,18 @@ class _LineLogger:
 
 
 @task(name="generate-prompt", cache_policy=NO_CACHE)
-async def generate_prompt(request: PromptRequest) -> str:
+async def generate_prompt(request: PromptRequest) -> GeneratedPrompt:
     """Stream a structured video prompt for a topic, logging it as it is written.
 
     Args:
         request: The topic and how to film it.
 
     Returns:
-        The whole prompt text.
+        The whole prompt text, and how many prompt streams may have been charged.
     """
     lines = _LineLogger()
     async with open_client() as client:
-        prompt = await client.generate_prompt(request, on_text=lines.feed, on_restart=lines.restart)
+        prompt = await client.generate_prompt(request, on_text=lines.feed, on_discard=lines.discard)
     lines.flush()
     return prompt
 
@@ -128,6 +136,6 @@ async def download_video(task_id: str, video_url: str, output_dir: str) -> Downl
         The saved file's path, size and SHA-256.
     """
     async with open_client() as client:
-        video = await client.download(video_url, Path(output_dir) / f"{task_id}.mp4")
+        video = await client.download(video_url, Path(output_dir) / video_filename(task_id))
     get_run_logger().info("saved %s (%d bytes, sha256 %s)", video.path, video.size, video.sha256)
     return video

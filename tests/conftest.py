@@ -61,6 +61,7 @@ def settings_for(simulator: Simulator, **overrides: Any) -> NanoPhotoSettings:
         "base_url": simulator.base_url,
         "retry_base_delay": 0.01,
         "retry_max_delay": 0.05,
+        "retry_rate_limit_delay": 0.05,
     }
     values.update(overrides)
     return NanoPhotoSettings(**values)

@@ -12,8 +12,8 @@ video host.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import random
 import secrets
 import threading
@@ -28,6 +28,7 @@ from nanophoto.contract import (
     COMPLETED,
     DURATIONS,
     FAILED,
+    GATEWAY_STATUSES,
     MAX_IMAGE_URLS,
     PROMPT_COST,
     PROMPT_PATH,
@@ -46,23 +47,29 @@ from nanophoto.simulator.ledger import Ledger, VideoTask
 from nanophoto.simulator.prompts import write_prompt
 
 ENDPOINTS = {PROMPT_PATH: "generate-prompt", SUBMIT_PATH: "generate", STATUS_PATH: "check-status"}
-FAULT_KINDS = (
+_ANY_CALL = (
     "internal_error",
     "gateway_error",
     "dropped_connection",
     "rate_limited",
     "gateway_error_after",
     "dropped_connection_after",
-    "slow_stream",
-    "truncated_stream",
-    "generation_failed",
 )
+# Which faults can strike which endpoint.
+FAULTS_BY_ENDPOINT: dict[str, tuple[str, ...]] = {
+    "generate-prompt": (*_ANY_CALL, "slow_stream", "truncated_stream"),
+    "generate": (*_ANY_CALL, "generation_failed"),
+    "check-status": _ANY_CALL,
+}
+FAULT_KINDS = tuple(dict.fromkeys(k for kinds in FAULTS_BY_ENDPOINT.values() for k in kinds))
+_LOST_ANSWER = ("gateway_error_after", "dropped_connection_after")
 _GATEWAY_PAGES = {
     502: "Bad gateway",
     503: "Service temporarily unavailable",
     504: "Gateway time-out",
     524: "A timeout occurred",
 }
+assert set(_GATEWAY_PAGES) == GATEWAY_STATUSES
 
 
 class _Cut(Exception):
@@ -137,6 +144,7 @@ class Simulator:
         self._videos = {ratio.value: _load_video(ratio.value) for ratio in AspectRatio}
         self._servers: list[asyncio.Server] = []
         self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[asyncio.Task[None]] = set()
         self._origin = time.monotonic()
         self.base_url = ""
         self.media_url = ""
@@ -157,6 +165,9 @@ class Simulator:
             server.close()
         for writer in list(self._writers):
             writer.transport.abort()
+        for connection in list(self._connections):
+            connection.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
         self._servers = []
@@ -175,11 +186,12 @@ class Simulator:
 
     def queue_fault(self, endpoint: str, *kinds: str) -> None:
         """Make the next requests to ``endpoint`` fail in these ways, in order."""
-        if endpoint not in ENDPOINTS.values():
-            raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS.values())}")
+        if endpoint not in FAULTS_BY_ENDPOINT:
+            raise ValueError(f"endpoint must be one of {sorted(FAULTS_BY_ENDPOINT)}")
         for kind in kinds:
-            if kind not in FAULT_KINDS:
-                raise ValueError(f"fault kind must be one of {FAULT_KINDS}, not {kind!r}")
+            if kind not in FAULTS_BY_ENDPOINT[endpoint]:
+                allowed = FAULTS_BY_ENDPOINT[endpoint]
+                raise ValueError(f"fault {kind!r} cannot strike {endpoint}; one of {allowed}")
         with self._lock:
             self._queued[endpoint].extend(kinds)
 
@@ -193,22 +205,36 @@ class Simulator:
         self, handler: Callable[[_Request], Any]
     ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
         async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._connections.add(task)
             self._writers.add(writer)
             try:
                 while True:
-                    request = await _read_request(reader)
+                    try:
+                        request = await _read_request(reader)
+                    except ValueError:
+                        await self._write(writer, _json(400, {"error": "malformed request"}))
+                        break
                     if request is None:
                         break
-                    reply = await handler(request)
+                    try:
+                        reply = await handler(request)
+                    except Exception as error:  # a bug here must not look like a dropped line
+                        reply = _error(500, "INTERNAL_ERROR", f"simulator error: {error!r}")
                     if not await self._write(writer, reply):
                         break
                     if request.headers.get("connection", "").lower() == "close":
                         break
             except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 pass
+            except asyncio.CancelledError:
+                pass  # stopping
             finally:
                 self._writers.discard(writer)
                 writer.close()
+                if task is not None:
+                    self._connections.discard(task)
 
         return connection
 
@@ -250,7 +276,9 @@ class Simulator:
             return _json(404, {"success": False, "error": "Not found"})
         key = _bearer(request.headers)
         with self._lock:
-            self.ledger.requests[(key or "<none>", endpoint)] += 1
+            # Unknown tokens are never stored: they may be someone's real key.
+            known = key if key in self.balances else ("<none>" if key is None else "<invalid>")
+            self.ledger.requests[(known, endpoint)] += 1
             fault = self._draw_fault(endpoint)
             if fault and fault not in ("slow_stream", "truncated_stream"):
                 self.ledger.faults[fault] += 1
@@ -281,7 +309,7 @@ class Simulator:
             elif endpoint == "generate":
                 reply = self._submit(key, body, fault)
             else:
-                reply = self._check_status(key, body)
+                reply = self._check_status(key, body, delivered=fault not in _LOST_ANSWER)
         # Faults after the origin did the work: the answer is lost on the way back.
         if fault == "gateway_error_after":
             return _gateway_page(self._rng.choice(sorted(_GATEWAY_PAGES)))
@@ -440,7 +468,7 @@ class Simulator:
             },
         )
 
-    def _check_status(self, key: str, body: dict[str, Any]) -> Reply:
+    def _check_status(self, key: str, body: dict[str, Any], *, delivered: bool) -> Reply:
         task_id = body.get("taskId")
         if not isinstance(task_id, str) or not task_id.strip():
             return _error(400, "TASK_ID_REQUIRED", "taskId is required")
@@ -448,14 +476,15 @@ class Simulator:
         if task is None or task.key != key:
             return _error(404, "TASK_NOT_FOUND", "Task not found")
         now = time.monotonic()
-        task.status_checks += 1
+        if delivered:  # an answer lost on the way back was not seen by the client
+            task.status_checks += 1
         self._settle(task, now)
         if task.final_status is None:
             progress = (now - task.submitted_at) / max(task.ready_at - task.submitted_at, 1e-9)
             statuses = self.config.running_statuses
             status = statuses[min(int(progress * len(statuses)), len(statuses) - 1)]
             return _json(200, {"success": True, "status": status, "taskId": task_id})
-        if task.reported_at is None:
+        if task.reported_at is None and delivered:
             task.reported_at = now
         if task.final_status == FAILED:
             return _error(
@@ -531,7 +560,7 @@ def _bearer(headers: dict[str, str]) -> str | None:
 
 def _invalid_choice(body: dict[str, Any], name: str, choices: type, default: Any) -> Reply | None:
     value = body.get(name, default)
-    if value not in {choice.value for choice in choices}:  # type: ignore[attr-defined]
+    if not isinstance(value, str) or value not in {c.value for c in choices}:  # type: ignore[attr-defined]
         return _error(400, "INVALID_INPUT", f"Invalid {name}: {value!r}")
     return None
 
@@ -563,13 +592,18 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
     except asyncio.IncompleteReadError:
         return None
     lines = head.decode("latin-1").split("\r\n")
-    method, target, _ = lines[0].split(" ", 2)
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise ValueError("malformed request line")
+    method, target, _ = parts
     headers: dict[str, str] = {}
     for line in lines[1:]:
         if ":" in line:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0") or 0)
+    length = int(headers.get("content-length", "0") or 0)  # ValueError: malformed
+    if length < 0:
+        raise ValueError("negative Content-Length")
     body = await reader.readexactly(length) if length else b""
     return _Request(method.upper(), target.split("?", 1)[0], headers, body)
 
@@ -646,5 +680,9 @@ class SimulatorThread:
             await self._stopping.wait()
             await self.simulator.stop()
 
-        with contextlib.suppress(Exception):
+        try:
             asyncio.run(main())
+        except Exception:
+            logging.getLogger("nanophoto.simulator").exception(
+                "the simulator stopped with an error"
+            )

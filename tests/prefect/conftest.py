@@ -32,3 +32,4 @@ def use_simulator(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("NANOPHOTO_API_KEY", DEFAULT_KEY)
     monkeypatch.setenv("NANOPHOTO_RETRY_BASE_DELAY", "0.01")
     monkeypatch.setenv("NANOPHOTO_RETRY_MAX_DELAY", "0.05")
+    monkeypatch.setenv("NANOPHOTO_RETRY_RATE_LIMIT_DELAY", "0.05")

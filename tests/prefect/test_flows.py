@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 from prefect import State
 
-from flows.video import prompt_to_video, topic_to_video
+from flows.video import prompt_to_video, resume_video, topic_to_video
+from nanophoto.client import NanoPhotoClient
 from nanophoto.contract import AspectRatio, ModelTier
+from nanophoto.models import VideoRequest
 from nanophoto.simulator import DEFAULT_KEY
 from nanophoto.simulator.server import Simulator
 from nanophoto.watch import WatchSchedule
-from tests.conftest import MakeSimulator
+from tests.conftest import MakeSimulator, settings_for
 from tests.prefect.conftest import use_simulator
 
 FAST = WatchSchedule().scaled(0.01)  # matches the simulator's default time scale
@@ -158,3 +160,24 @@ async def _exception_text(state: State[Any]) -> str:
     except Exception as error:
         return str(error)
     return ""
+
+
+async def test_resume_finishes_a_video_submitted_elsewhere_without_paying_again(
+    api: Simulator, tmp_path: Path
+) -> None:
+    async with NanoPhotoClient(settings=settings_for(api)) as client:
+        task_id = (await client.submit(VideoRequest(prompt="a fox"))).task_id
+    result = await resume_video(task_id=task_id, schedule=FAST, output_dir=str(tmp_path))
+    assert result.task_id == task_id
+    assert Path(str(result.video_path)).name == f"{task_id}.mp4"
+    assert result.video_credits == 4
+    ledger = api.snapshot()
+    assert ledger["submits"] == 1
+    assert ledger["requests"][DEFAULT_KEY]["generate"] == 1
+
+
+async def test_resume_of_an_unknown_task_fails_at_once(api: Simulator) -> None:
+    state = await resume_video(task_id="task_nope", schedule=FAST, return_state=True)
+    assert state.is_failed()
+    assert "TASK_NOT_FOUND" in (await _exception_text(state))
+    assert api.snapshot()["requests"][DEFAULT_KEY]["check-status"] == 1

@@ -29,11 +29,9 @@ async def test_prompt_submit_check_download(make_simulator: MakeSimulator, tmp_p
             PromptRequest(topic="北極のキツネ", locale=Locale.JA), on_text=pieces.append
         )
         assert len(pieces) > 1
-        assert "ショット" in prompt
-        submitted = await client.submit(VideoOptions().with_prompt(prompt))
+        assert "ショット" in prompt.text
+        submitted = await client.submit(VideoOptions().with_prompt(prompt.text))
         assert submitted.is_running
-        sim_ready = sim.snapshot()["tasks"][0]["ready_at"]
-        assert sim_ready is not None
         status = submitted
         for _ in range(100):
             status = await client.check_status(submitted.task_id)
@@ -80,14 +78,17 @@ async def test_a_submit_rate_limited_is_retried_and_charged_once(simulator: Simu
         with pytest.raises(SubmitOutcomeUnknownError):
             await client.submit(VideoOptions().with_prompt("a fox"))
     # 429 was retried; the drop (which may have reached the server) was not.
-    assert simulator.snapshot()["requests"][DEFAULT_KEY]["generate"] == 2
+    ledger = simulator.snapshot()
+    assert ledger["requests"][DEFAULT_KEY]["generate"] == 2
+    assert ledger["credits"][DEFAULT_KEY]["charged"] == 0  # dropped at the edge
 
 
 async def test_a_cut_prompt_stream_is_restarted_and_refunded(simulator: Simulator) -> None:
     simulator.queue_fault("generate-prompt", "truncated_stream")
     async with NanoPhotoClient(settings=settings_for(simulator)) as client:
         prompt = await client.generate_prompt(PromptRequest(topic="fox"))
-    assert prompt.startswith("fox")
+    assert prompt.text.startswith("fox")
+    assert prompt.streams_charged == 1
     credits = simulator.snapshot()["credits"][DEFAULT_KEY]
     assert (credits["charged"], credits["refunded"]) == (4, 2)
 
@@ -99,8 +100,13 @@ async def test_a_stalled_prompt_stream_times_out_and_is_retried(
     sim.queue_fault("generate-prompt", "slow_stream")
     async with NanoPhotoClient(settings=settings_for(sim, read_timeout=0.3)) as client:
         prompt = await client.generate_prompt(PromptRequest(topic="fox"))
-    assert prompt.startswith("fox")
-    assert sim.snapshot()["requests"][DEFAULT_KEY]["generate-prompt"] == 2
+    assert prompt.text.startswith("fox")
+    ledger = sim.snapshot()
+    assert ledger["requests"][DEFAULT_KEY]["generate-prompt"] == 2
+    # We abandoned the first stream: the server may charge it, and we say so.
+    assert prompt.streams_charged == 2
+    assert ledger["credits"][DEFAULT_KEY]["charged"] == 4
+    assert ledger["credits"][DEFAULT_KEY]["refunded"] == 0
 
 
 async def test_errors_no_retry_can_fix_fail_at_once(make_simulator: MakeSimulator) -> None:

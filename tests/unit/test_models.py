@@ -8,7 +8,13 @@ import pytest
 from pydantic import ValidationError
 
 from nanophoto.contract import VIDEO_COST, Locale, ModelTier, Technique
-from nanophoto.models import PromptRequest, VideoOptions, VideoRequest, VideoStatus
+from nanophoto.models import (
+    PromptRequest,
+    VideoOptions,
+    VideoRequest,
+    VideoStatus,
+    video_filename,
+)
 
 IMAGE = "https://example.com/a.png"
 
@@ -119,3 +125,13 @@ def test_completed_without_a_url_is_not_treated_as_done() -> None:
     assert VideoStatus(task_id="t", status="completed").is_running
     assert VideoStatus(task_id="t", status="completed", video_url="https://v/x.mp4").is_completed
     assert VideoStatus(task_id="t", status="failed").is_failed
+
+
+@pytest.mark.parametrize("task_id", ["../etc/passwd", "a/b", "..", ".hidden", "", "x" * 200])
+def test_unsafe_task_ids_never_become_file_names(task_id: str) -> None:
+    with pytest.raises(ValueError, match="task_id"):
+        video_filename(task_id)
+
+
+def test_task_ids_name_their_video_file() -> None:
+    assert video_filename("task_abc123") == "task_abc123.mp4"

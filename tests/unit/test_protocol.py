@@ -25,6 +25,7 @@ from nanophoto.errors import (
     ServerError,
     SubmitOutcomeUnknownError,
     TaskNotFoundError,
+    VideoUnavailableError,
 )
 from nanophoto.models import PromptRequest, VideoRequest
 from nanophoto.retry import RetryPolicy
@@ -99,8 +100,10 @@ async def test_each_error_code_maps_to_its_error(code: str) -> None:
     error = caught.value
     assert (error.code, error.status, error.retryable) == (code, spec.http_status, spec.retryable)
     assert f"message for {code}" in error.message
-    expected_calls = 1 + 3 if spec.retryable else 1
-    assert len(recorder.requests) == expected_calls
+    # A status check retries what is retryable, except a 429: the watch's
+    # next scheduled check is its retry.
+    retried = spec.retryable and code != "API_KEY_RATE_LIMIT_EXCEEDED"
+    assert len(recorder.requests) == (1 + 3 if retried else 1)
 
 
 @pytest.mark.parametrize("status", [502, 503, 504, 524])
@@ -186,11 +189,122 @@ async def test_retry_after_is_honoured_and_capped() -> None:
     limited.headers["Retry-After"] = "7"
     too_long = error_answer(429, "API_KEY_RATE_LIMIT_EXCEEDED")
     too_long.headers["Retry-After"] = "3600"
-    recorder = Recorder(limited, too_long, PROCESSING)
+    submitted = httpx.Response(200, json={"success": True, "status": "processing", "taskId": "t"})
+    recorder = Recorder(limited, too_long, submitted)
     sleeps: list[float] = []
     async with make_client(recorder, sleeps) as client:
-        await client.check_status("t1")
+        await client.submit(VideoRequest(prompt="a fox"))
     assert sleeps == [7.0, 60.0]
+
+
+async def test_a_429_without_retry_after_backs_off_for_the_hourly_budget() -> None:
+    limited = error_answer(429, "API_KEY_RATE_LIMIT_EXCEEDED")
+    sleeps: list[float] = []
+    async with make_client(Recorder(limited), sleeps) as client:
+        with pytest.raises(RateLimitError):
+            await client.submit(VideoRequest(prompt="a fox"))
+    assert sleeps == [15.0, 30.0, 60.0]
+
+
+async def test_a_cdn_429_page_is_a_rate_limit_not_a_final_error() -> None:
+    page = gateway_page(429)
+    async with make_client(Recorder(page)) as client:
+        with pytest.raises(RateLimitError) as caught:
+            await client.check_status("t1")
+    assert caught.value.retryable
+
+
+@pytest.mark.parametrize("status", [403, 200])
+async def test_a_non_json_page_while_checking_is_transient(status: int) -> None:
+    recorder = Recorder(gateway_page(status), PROCESSING)
+    async with make_client(recorder) as client:
+        result = await client.check_status("t1")
+    assert result.is_running
+    assert len(recorder.requests) == 2
+
+
+async def test_a_submit_answered_200_with_a_cut_body_may_have_started() -> None:
+    cut = httpx.Response(200, content=b'{"success": true, "status": "proc')
+    recorder = Recorder(cut)
+    async with make_client(recorder) as client:
+        with pytest.raises(SubmitOutcomeUnknownError):
+            await client.submit(VideoRequest(prompt="a fox"))
+    assert len(recorder.requests) == 1
+
+
+async def test_a_failed_document_is_final_whatever_its_code() -> None:
+    failed = httpx.Response(500, json={"success": False, "status": "failed", "error": "x"})
+    recorder = Recorder(failed)
+    async with make_client(recorder) as client:
+        status = await client.check_status("t1")
+    assert status.is_failed
+    assert status.error_code == "GENERATION_FAILED"
+    assert len(recorder.requests) == 1
+
+
+async def test_odd_cosmetic_fields_do_not_hide_a_finished_video() -> None:
+    answer = httpx.Response(
+        200,
+        json={
+            "success": True,
+            "status": "completed",
+            "taskId": 12345,
+            "videoUrl": "https://video.test/x.mp4",
+            "creditsUsed": 4.5,
+            "generationTime": "120s",
+        },
+    )
+    async with make_client(Recorder(answer)) as client:
+        status = await client.check_status("12345")
+    assert status.is_completed
+    assert status.task_id == "12345"
+    assert status.generation_time is None
+
+
+async def test_a_400_code_in_a_500_answer_is_still_final() -> None:
+    recorder = Recorder(error_answer(500, "INVALID_INPUT"))
+    async with make_client(recorder) as client:
+        with pytest.raises(InvalidRequestError):
+            await client.check_status("t1")
+    assert len(recorder.requests) == 1
+
+
+async def test_a_key_with_a_line_break_is_refused_without_echoing_it() -> None:
+    from nanophoto.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as caught:
+        NanoPhotoClient("np-abc\nX-Injected: 1", settings=NanoPhotoSettings())
+    assert "np-abc" not in str(caught.value)
+    assert caught.value.__cause__ is None
+
+
+async def test_a_request_httpx_refuses_to_build_never_quotes_it() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.LocalProtocolError(f"Illegal header value {request.headers['authorization']}")
+
+    async with make_client(handler) as client:
+        with pytest.raises(NanoPhotoError) as caught:
+            await client.check_status("t1")
+    assert SECRET not in str(caught.value)
+    assert caught.value.__cause__ is None
+    assert not caught.value.retryable
+
+
+async def test_downloads_follow_redirects_and_stop_on_an_expired_url(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/old.mp4":
+            return httpx.Response(302, headers={"location": "https://cdn.test/new.mp4"})
+        if request.url.path == "/new.mp4":
+            return httpx.Response(200, content=b"video-bytes")
+        return httpx.Response(404, text="Not Found")
+
+    async with make_client(handler) as client:
+        video = await client.download("https://video.test/old.mp4", tmp_path / "a.mp4")
+        assert video.path.read_bytes() == b"video-bytes"
+        with pytest.raises(VideoUnavailableError):
+            await client.download("https://video.test/gone.mp4", tmp_path / "b.mp4")
+    assert not (tmp_path / "b.mp4").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
 
 
 async def test_backoff_grows_and_is_capped_with_jitter() -> None:
@@ -224,7 +338,7 @@ async def test_utf8_split_across_chunks_comes_out_whole() -> None:
     async with make_client(handler) as client:
         prompt = await client.generate_prompt(PromptRequest(topic="fox"), on_text=pieces.append)
     assert "".join(pieces) == text
-    assert prompt == text.strip()
+    assert prompt.text == text.strip()
     assert "\ufffd" not in "".join(pieces)
 
 
@@ -243,14 +357,17 @@ async def test_a_prompt_stream_cut_midway_starts_again_from_scratch() -> None:
         calls += 1
         return httpx.Response(200, content=broken() if calls == 1 else whole())
 
-    restarts: list[NanoPhotoError] = []
+    discarded: list[tuple[str, int]] = []
     async with make_client(handler) as client:
         prompt = await client.generate_prompt(
-            PromptRequest(topic="fox"), on_restart=restarts.append
+            PromptRequest(topic="fox"),
+            on_discard=lambda error, chars: discarded.append((error.code, chars)),
         )
-    assert prompt == "the whole prompt"
+    assert prompt.text == "the whole prompt"
     assert calls == 2
-    assert [error.code for error in restarts] == ["CONNECTION_DROPPED"]
+    assert discarded == [("CONNECTION_DROPPED", len("first half of a prompt"))]
+    # A stream the server cut is a failed generation: refunded, not counted.
+    assert prompt.streams_charged == 1
 
 
 async def test_unknown_status_value_means_still_running() -> None:

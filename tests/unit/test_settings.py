@@ -83,15 +83,9 @@ def test_key_never_shows_in_reprs(monkeypatch: pytest.MonkeyPatch) -> None:
         assert SECRET not in text
 
 
-def test_settings_read_the_watch_schedule_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    defaults = NanoPhotoSettings()
-    assert (defaults.initial_status_delay, defaults.status_check_interval, defaults.max_wait) == (
-        120.0,
-        20.0,
-        1200.0,
-    )
-    assert defaults.base_url == "https://nanophoto.ai"
-    monkeypatch.setenv("NANOPHOTO_STATUS_CHECK_INTERVAL", "5")
-    assert NanoPhotoSettings().status_check_interval == 5.0
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert NanoPhotoSettings().base_url == "https://nanophoto.ai"
+    monkeypatch.setenv("NANOPHOTO_BASE_URL", "http://127.0.0.1:8765")
+    monkeypatch.setenv("NANOPHOTO_READ_TIMEOUT", "5")
+    settings = NanoPhotoSettings()
+    assert (settings.base_url, settings.read_timeout) == ("http://127.0.0.1:8765", 5.0)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import threading
 import time
 from typing import Any
 
@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from nanophoto.contract import PROMPT_PATH, STATUS_PATH, SUBMIT_PATH, Locale, Technique
-from nanophoto.simulator import DEFAULT_KEY, Faults, Simulator
+from nanophoto.simulator import DEFAULT_KEY, Faults, Simulator, SimulatorConfig, SimulatorThread
 from nanophoto.simulator.prompts import write_prompt
 from tests.conftest import MakeSimulator
 
@@ -224,12 +224,65 @@ def test_the_ledger_is_readable_over_http(simulator: Simulator) -> None:
     assert post(simulator, STATUS_PATH, {"taskId": "x"}).status_code == 500
 
 
-def test_stop_closes_open_connections(make_simulator: MakeSimulator) -> None:
-    sim = make_simulator()
+def test_stop_ends_a_stalled_stream_and_returns_promptly() -> None:
+    thread = SimulatorThread(SimulatorConfig(time_scale=1.0, faults=Faults(stall_seconds=60)))
+    sim = thread.__enter__()
+    sim.queue_fault("generate-prompt", "slow_stream")
+    outcome: list[BaseException] = []
 
-    async def hold_and_stop() -> None:
-        async with httpx.AsyncClient(base_url=sim.base_url) as http:
-            await http.post(STATUS_PATH, json={"taskId": "x"}, headers=AUTH)
-            json.dumps(sim.snapshot())
+    def read_stream() -> None:
+        try:
+            post(sim, PROMPT_PATH, {"topic": "fox"})
+        except BaseException as error:
+            outcome.append(error)
 
-    asyncio.run(hold_and_stop())
+    reader = threading.Thread(target=read_stream)
+    reader.start()
+    wait_until(lambda: sim.snapshot()["faults"].get("slow_stream") == 1)
+    started = time.monotonic()
+    thread.__exit__(None, None, None)
+    reader.join(timeout=10)
+    assert time.monotonic() - started < 5  # not the 60 s stall
+    assert not reader.is_alive()
+    assert outcome
+    assert isinstance(outcome[0], httpx.TransportError)
+
+
+def test_unknown_tokens_are_never_recorded(simulator: Simulator) -> None:
+    post(simulator, STATUS_PATH, {"taskId": "x"}, {"Authorization": "Bearer np-real-key"})
+    ledger = json.dumps(simulator.snapshot())
+    assert "np-real-key" not in ledger
+    assert simulator.snapshot()["requests"] == {"<invalid>": {"check-status": 1}}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"prompt": "x", "mode": ["a"]}, {"prompt": "x", "mode": "textToVideo", "imageUrls": "u"}],
+)
+def test_odd_json_gets_a_400_not_a_dropped_connection(
+    simulator: Simulator, body: dict[str, Any]
+) -> None:
+    answer = post(simulator, SUBMIT_PATH, body)
+    assert answer.status_code == 400
+
+
+def test_faults_are_only_queued_where_they_can_strike(simulator: Simulator) -> None:
+    with pytest.raises(ValueError, match="cannot strike"):
+        simulator.queue_fault("generate-prompt", "generation_failed")
+    with pytest.raises(ValueError, match="cannot strike"):
+        simulator.queue_fault("check-status", "truncated_stream")
+
+
+def test_a_lost_status_answer_does_not_count_as_seen(
+    make_simulator: MakeSimulator,
+) -> None:
+    sim = make_simulator(generation_seconds=(1, 1))
+    task_id = post(sim, SUBMIT_PATH, SUBMIT).json()["taskId"]
+    time.sleep(0.05)
+    sim.queue_fault("check-status", "dropped_connection_after")
+    with pytest.raises(httpx.RemoteProtocolError):
+        post(sim, STATUS_PATH, {"taskId": task_id})
+    task = sim.snapshot()["tasks"][0]
+    assert (task["status_checks"], task["reported_at"]) == (0, None)
+    post(sim, STATUS_PATH, {"taskId": task_id})
+    assert sim.snapshot()["tasks"][0]["status_checks"] == 1

@@ -1,4 +1,4 @@
-"""The flows users run: topic → prompt → video, and ready prompt → video.
+"""The flows users run: topic → video, ready prompt → video, and resume by task id.
 
 Each reads like the product: prompt, submit, wait, download. Every input is
 validated before the first call, so bad input costs nothing.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from nanophoto.contract import (
     DEFAULT_ASPECT_RATIO,
@@ -28,7 +29,7 @@ from nanophoto.contract import (
 )
 from nanophoto.errors import GenerationFailedError, NanoPhotoError
 from nanophoto.models import (
-    ImageUrl,
+    ImageUrls,
     PromptRequest,
     PromptText,
     StageTimings,
@@ -39,22 +40,41 @@ from nanophoto.models import (
     VideoStatus,
 )
 from nanophoto.watch import WatchSchedule, watch_video
+from tasks.observe import WaitProgress, emit_video_event, publish_prompt, publish_video
 from tasks.video import check_video_status, download_video, generate_prompt, submit_video
 
 
-@flow(name="topic-to-video")
+def _run_name(prefix: str, parameter: str) -> str:
+    """``prefix: <first 60 characters of the parameter>``, for the runs list."""
+    value = " ".join(str(flow_run.parameters.get(parameter, "")).split())
+    return f"{prefix}: {value[:60]}{'…' if len(value) > 60 else ''}"
+
+
+def _topic_run_name() -> str:
+    return _run_name("video", "topic")
+
+
+def _prompt_run_name() -> str:
+    return _run_name("prompt video", "prompt")
+
+
+def _resume_run_name() -> str:
+    return _run_name("resume", "task_id")
+
+
+@flow(name="topic-to-video", flow_run_name=_topic_run_name)
 async def topic_to_video(
     topic: Topic,
     technique: Technique = DEFAULT_TECHNIQUE,
     duration: Duration = DEFAULT_DURATION,
     locale: Locale = DEFAULT_LOCALE,
     mode: Mode = DEFAULT_MODE,
-    image_urls: list[ImageUrl] | None = None,
+    image_urls: ImageUrls = [],  # noqa: B006 (never mutated; a list renders as a list field)
     model_tier: ModelTier = DEFAULT_TIER,
     aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO,
     prompt_model: str = DEFAULT_PROMPT_MODEL,
     schedule: WatchSchedule = WatchSchedule(),
-    output_dir: str | None = "videos",
+    output_dir: str = "videos",
 ) -> VideoResult:
     """Turn a topic into a finished Sora 2 video: prompt, submit, wait, download.
 
@@ -62,7 +82,8 @@ async def topic_to_video(
         topic: What the video is about, 1 to 500 characters.
         technique: The cinematic technique the shots are built around.
         duration: Video length in seconds, 10 or 15.
-        locale: The language the prompt is written in.
+        locale: Language the prompt is written in: en, zh, zh-TW, ja, ko, es, fr, de, pt,
+            ru or ar.
         mode: textToVideo, or imageToVideo to start from reference images.
         image_urls: Up to 3 public http(s) image URLs; required for imageToVideo.
         model_tier: sora2 (4/8 credits), sora2-pro-standard (60/100, 720p) or
@@ -71,8 +92,8 @@ async def topic_to_video(
         prompt_model: The model that writes the prompt.
         schedule: When to check the video: first check, interval, and when to
             stop watching, in seconds after submit.
-        output_dir: Folder to save the video in, named by its task id; empty to
-            skip the download.
+        output_dir: Folder on the worker to save the video in, named by its task
+            id; empty to skip the download.
 
     Returns:
         The task id, video URL and file, credits used and stage timings.
@@ -83,20 +104,22 @@ async def topic_to_video(
         duration=duration,
         locale=locale,
         mode=mode,
-        image_urls=image_urls or [],
+        image_urls=image_urls,
         model=prompt_model,
     )
     options = VideoOptions(
         mode=mode,
-        image_urls=image_urls or [],
+        image_urls=image_urls,
         model_tier=model_tier,
         aspect_ratio=aspect_ratio,
         video_duration=duration,
     )
     started = time.monotonic()
     prompt = await generate_prompt(prompt_request)
+    request = options.with_prompt(prompt.text)
+    await publish_prompt(request, topic=prompt_request.topic)
     return await make_video(
-        options.with_prompt(prompt.text),
+        request,
         schedule,
         output_dir,
         prompt_seconds=time.monotonic() - started,
@@ -104,16 +127,16 @@ async def topic_to_video(
     )
 
 
-@flow(name="prompt-to-video")
+@flow(name="prompt-to-video", flow_run_name=_prompt_run_name)
 async def prompt_to_video(
     prompt: PromptText,
     mode: Mode = DEFAULT_MODE,
-    image_urls: list[ImageUrl] | None = None,
+    image_urls: ImageUrls = [],  # noqa: B006 (never mutated; a list renders as a list field)
     model_tier: ModelTier = DEFAULT_TIER,
     aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO,
     video_duration: Duration = DEFAULT_DURATION,
     schedule: WatchSchedule = WatchSchedule(),
-    output_dir: str | None = "videos",
+    output_dir: str = "videos",
 ) -> VideoResult:
     """Turn a ready prompt into a finished Sora 2 video: submit, wait, download.
 
@@ -127,8 +150,8 @@ async def prompt_to_video(
         video_duration: Video length in seconds, 10 or 15.
         schedule: When to check the video: first check, interval, and when to
             stop watching, in seconds after submit.
-        output_dir: Folder to save the video in, named by its task id; empty to
-            skip the download.
+        output_dir: Folder on the worker to save the video in, named by its task
+            id; empty to skip the download.
 
     Returns:
         The task id, video URL and file, credits used and stage timings.
@@ -136,31 +159,32 @@ async def prompt_to_video(
     request = VideoRequest(
         prompt=prompt,
         mode=mode,
-        image_urls=image_urls or [],
+        image_urls=image_urls,
         model_tier=model_tier,
         aspect_ratio=aspect_ratio,
         video_duration=video_duration,
     )
+    await publish_prompt(request)
     return await make_video(request, schedule, output_dir)
 
 
-@flow(name="resume-video")
+@flow(name="resume-video", flow_run_name=_resume_run_name)
 async def resume_video(
     task_id: str,
     schedule: WatchSchedule = WatchSchedule(initial_delay=0),
-    output_dir: str | None = "videos",
+    output_dir: str = "videos",
 ) -> VideoResult:
     """Finish a video that was already submitted: watch it, download it, report it.
 
-    For a run that timed out, crashed, or a job started elsewhere. Nothing is
-    submitted, so nothing is charged.
+    For a run that timed out or crashed, or a job started elsewhere. Nothing
+    is submitted, so nothing is charged.
 
     Args:
         task_id: The NanoPhoto task id of the submitted video.
         schedule: When to check, in seconds from now: first check (0: at once),
             interval, and when to stop watching.
-        output_dir: Folder to save the video in, named by its task id; empty to
-            skip the download.
+        output_dir: Folder on the worker to save the video in, named by its task
+            id; empty to skip the download.
 
     Returns:
         The task id, video URL and file, credits used and stage timings.
@@ -176,7 +200,7 @@ async def resume_video(
 async def make_video(
     request: VideoRequest,
     schedule: WatchSchedule,
-    output_dir: str | None,
+    output_dir: str,
     *,
     prompt_seconds: float = 0.0,
     prompt_credits: int = 0,
@@ -185,6 +209,14 @@ async def make_video(
     started = time.monotonic()
     submitted = await submit_video(request)
     submitted_at = time.monotonic()
+    emit_video_event(
+        "submitted",
+        submitted.task_id,
+        model_tier=request.model_tier.value,
+        video_duration=request.video_duration,
+        aspect_ratio=request.aspect_ratio.value,
+        cost=request.cost,
+    )
     return await finish_video(
         submitted,
         schedule,
@@ -200,7 +232,7 @@ async def make_video(
 async def finish_video(
     submitted: VideoStatus,
     schedule: WatchSchedule,
-    output_dir: str | None,
+    output_dir: str,
     *,
     submitted_at: float,
     prompt: str = "",
@@ -211,22 +243,40 @@ async def finish_video(
     """Watch a submitted video on ``schedule`` until it is final, then download it."""
     logger = get_run_logger()
     task_id = submitted.task_id
+    progress = WaitProgress(task_id, schedule.expected_generation)
+    await progress.start()
+
+    async def check(task_id: str) -> VideoStatus:
+        status = await check_video_status(task_id)
+        await progress.update(time.monotonic() - submitted_at, status.status)
+        return status
 
     def note_transient(error: NanoPhotoError) -> None:
         logger.warning("status check failed (%s); still watching %s", error, task_id)
 
     status = submitted
-    if status.is_running:
-        status = await watch_video(
-            task_id, _check, schedule, submitted_at=submitted_at, on_transient_error=note_transient
-        )
+    try:
+        if status.is_running:
+            status = await watch_video(
+                task_id,
+                check,
+                schedule,
+                submitted_at=submitted_at,
+                on_transient_error=note_transient,
+            )
+    except NanoPhotoError as error:
+        emit_video_event("failed", task_id, error_code=error.code, error=error.message)
+        raise
     wait_seconds = time.monotonic() - submitted_at
+    await progress.finish(status.status)
     if status.is_failed or status.video_url is None:
+        code = status.error_code or GenerationFailedError.code
+        emit_video_event("failed", task_id, error_code=code, error=status.error)
         refund = f"its {expected_cost} credits" if expected_cost is not None else "its credits"
         raise GenerationFailedError(
             f"video {task_id} failed: {status.error or 'no reason given'}. "
             f"NanoPhoto refunds {refund}; a new submit is charged again.",
-            code=status.error_code or GenerationFailedError.code,
+            code=code,
         )
     download_seconds, video = 0.0, None
     if output_dir:
@@ -248,6 +298,15 @@ async def finish_video(
             update={"wait": wait_seconds, "download": download_seconds}
         ),
     )
+    await publish_video(result)
+    emit_video_event(
+        "completed",
+        task_id,
+        video_url=result.video_url,
+        video_path=result.video_path,
+        credits_used=result.credits_used,
+        generation_time=result.generation_time,
+    )
     logger.info(
         "video %s ready: %s credits, generated in %s s",
         task_id,
@@ -255,7 +314,3 @@ async def finish_video(
         result.generation_time,
     )
     return result
-
-
-async def _check(task_id: str) -> VideoStatus:
-    return await check_video_status(task_id)

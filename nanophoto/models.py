@@ -60,7 +60,12 @@ Topic = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=TOPIC_MAX_CHARS),
 ]
-ImageUrl = Annotated[str, AfterValidator(check_image_url)]
+# The pattern puts the rule in the JSON schema (so a run form refuses it);
+# the validator gives the clearer message and also refuses a URL with no host.
+ImageUrl = Annotated[
+    str, Field(pattern=r"^\s*[hH][tT][tT][pP][sS]?://"), AfterValidator(check_image_url)
+]
+ImageUrls = Annotated[list[ImageUrl], Field(max_length=MAX_IMAGE_URLS)]
 PromptText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 

@@ -15,7 +15,12 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nanophoto.contract import INITIAL_STATUS_DELAY_S, MAX_WAIT_S, STATUS_CHECK_INTERVAL_S
+from nanophoto.contract import (
+    EXPECTED_GENERATION_S,
+    INITIAL_STATUS_DELAY_S,
+    MAX_WAIT_S,
+    STATUS_CHECK_INTERVAL_S,
+)
 from nanophoto.errors import NanoPhotoError, WaitTimeoutError
 from nanophoto.models import VideoStatus
 
@@ -45,6 +50,11 @@ class WatchSchedule(BaseModel):
         description="Seconds after submit to stop watching. The video may still "
         "finish later; it can be resumed by its task id.",
     )
+    expected_generation: float = Field(
+        EXPECTED_GENERATION_S,
+        gt=0,
+        description="How long a video usually takes, in seconds; it only draws the progress bar.",
+    )
 
     def scaled(self, factor: float) -> WatchSchedule:
         """The same rhythm, every duration multiplied by ``factor``."""
@@ -52,6 +62,7 @@ class WatchSchedule(BaseModel):
             initial_delay=self.initial_delay * factor,
             interval=self.interval * factor,
             max_wait=self.max_wait * factor,
+            expected_generation=self.expected_generation * factor,
         )
 
     def check_time(self, index: int) -> float:

@@ -1,7 +1,8 @@
 """Prefect tasks, one per NanoPhoto call.
 
-The API key is loaded inside each task (``open_client``), never passed as a
-parameter or argument, so it never lands in a run's stored parameters.
+The API key is loaded inside each task (``tasks.credentials.open_client``),
+never passed as a parameter or argument, so it never lands in a run's stored
+parameters.
 
 Retry policy, chosen per call (the client's ``_call`` carries it out, with
 capped exponential back-off and ``Retry-After``; no Prefect-level retries on
@@ -17,14 +18,12 @@ top, which would multiply the attempts and cannot honour ``Retry-After``):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from nanophoto.client import DownloadedVideo, NanoPhotoClient
+from nanophoto.client import DownloadedVideo
 from nanophoto.errors import NanoPhotoError
 from nanophoto.models import (
     GeneratedPrompt,
@@ -33,13 +32,7 @@ from nanophoto.models import (
     VideoStatus,
     video_filename,
 )
-
-
-@asynccontextmanager
-async def open_client() -> AsyncIterator[NanoPhotoClient]:
-    """A client whose key is resolved here, inside the task, from settings."""
-    async with NanoPhotoClient(logger=get_run_logger()) as client:
-        yield client
+from tasks.credentials import open_client
 
 
 class _LineLogger:

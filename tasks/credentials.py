@@ -1,0 +1,86 @@
+"""The NanoPhoto credentials block, and the client the tasks open with it.
+
+The key is resolved inside each task, in this order: ``NANOPHOTO_API_KEY``,
+then the Prefect block (``SORA2_CREDENTIALS_BLOCK``, default ``nanophoto``),
+then the OpenClaw file. It is never a flow parameter, a task argument or a
+job variable, so it never lands in a run's stored parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+from prefect import get_run_logger
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from nanophoto.client import NanoPhotoClient
+from nanophoto.settings import NanoPhotoSettings
+
+DEFAULT_BLOCK_NAME: Final = "nanophoto"
+BLOCK_NAME_VARIABLE: Final = "SORA2_CREDENTIALS_BLOCK"
+
+
+class NanoPhotoCredentials(Block):
+    """A NanoPhoto.AI API key, stored encrypted by the Prefect server.
+
+    Example:
+        ```python
+        NanoPhotoCredentials(api_key="...").save("nanophoto")
+        ```
+    """
+
+    _block_type_name = "NanoPhoto Credentials"
+    _block_type_slug = "nanophoto-credentials"
+    _description = "The API key (and optionally the base URL) for NanoPhoto.AI's Sora 2 API."
+    _documentation_url = "https://nanophoto.ai/settings/apikeys"  # type: ignore[assignment]
+
+    api_key: SecretStr = Field(
+        description="Your NanoPhoto API key, from https://nanophoto.ai/settings/apikeys. "
+        "Stored encrypted; never shown again in the UI, logs or run parameters."
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="The API's base URL. Leave empty for https://nanophoto.ai; set it to "
+        "point the flows at the local simulator.",
+    )
+
+
+def block_name() -> str:
+    """The credentials block the tasks load: ``$SORA2_CREDENTIALS_BLOCK`` or ``nanophoto``."""
+    return os.environ.get(BLOCK_NAME_VARIABLE, "").strip() or DEFAULT_BLOCK_NAME
+
+
+async def load_credentials() -> NanoPhotoCredentials | None:
+    """The credentials block, or None if there is none by that name."""
+    try:
+        block = await NanoPhotoCredentials.aload(block_name())
+    except ValueError:  # Prefect's "unable to find block document"
+        return None
+    return block if isinstance(block, NanoPhotoCredentials) else None
+
+
+@asynccontextmanager
+async def open_client() -> AsyncIterator[NanoPhotoClient]:
+    """A client whose key is resolved here, inside the task.
+
+    The block is loaded only when the environment has no key, so a worker
+    configured by environment makes no extra API call per task.
+    """
+    settings = NanoPhotoSettings()
+    extra: tuple[tuple[str, SecretStr | None], ...] = ()
+    if settings.api_key is None or not settings.api_key.get_secret_value().strip():
+        block = await load_credentials()
+        if block is not None:
+            extra = ((f"the Prefect block nanophoto-credentials/{block_name()}", block.api_key),)
+            if block.base_url and "NANOPHOTO_BASE_URL" not in os.environ:
+                settings = settings.model_copy(update={"base_url": block.base_url})
+        else:
+            extra = ((f"the Prefect block nanophoto-credentials/{block_name()} (absent)", None),)
+    async with NanoPhotoClient(
+        settings=settings, logger=get_run_logger(), extra_key_sources=extra
+    ) as client:
+        yield client

@@ -1,0 +1,117 @@
+"""A real Prefect server, setup command and process worker, for end-to-end tests.
+
+Unlike tests/prefect, nothing here runs in-process: the server is
+``prefect server start`` on a free loopback port with its own PREFECT_HOME,
+the worker is ``prefect worker start``, and every process is stopped when the
+tests end, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def base_env(home: Path, api_url: str) -> dict[str, str]:
+    """The environment of every process we start: no network, no stray keys."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("NANOPHOTO_", "PREFECT_", "SORA2_"))
+    }
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_CLI_PROMPT="false",
+        NANOPHOTO_OPENCLAW_FILE=str(home / "no-openclaw.json"),
+    )
+    return env
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 15 s: never leave a process behind."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+@dataclass
+class PrefectServer:
+    """A running ``prefect server start`` and where its files are."""
+
+    home: Path
+    api_url: str
+    log: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a process in its own group, logging to ``log``; stopped at teardown."""
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                args,
+                cwd=PROJECT_DIR,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return process
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """``prefect server start`` on a free loopback port, up within 180 s."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    server = PrefectServer(home=home, api_url=api_url, log=home / "server.log")
+    process = server.start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        server.log,
+        base_env(home, api_url),
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, server.log.read_text(errors="replace")[-3000:]
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the Prefect server did not start in 180 s"
+            time.sleep(0.5)
+        yield server
+    finally:
+        for started in reversed(server.processes):
+            stop(started)

@@ -6,8 +6,6 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 PREFECT := $(VENV)/bin/prefect
 PREFECT_PORT ?= 4200
-# Only the targets that talk to a long-running server get a default API URL.
-deploy worker serve: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 
 .PHONY: demo test unit lint bench sim server deploy worker serve clean
 
@@ -37,11 +35,12 @@ sim: $(VENV)/.installed ## The simulator on port 8765, 100x faster than real tim
 server: $(VENV)/.installed ## A local Prefect server with its UI on http://127.0.0.1:4200.
 	$(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-deploy: $(VENV)/.installed ## Prepare the server at PREFECT_API_URL and deploy prefect.yaml (idempotent).
+deploy: $(VENV)/.installed ## Prepare the configured Prefect server and deploy prefect.yaml (idempotent).
 	$(PY) -m deployments.setup $(ARGS)
 
-worker: $(VENV)/.installed ## A process worker for the sora2-process pool, running flows from here.
-	SORA2_PROJECT_DIR=$(CURDIR) $(PREFECT) worker start --pool sora2-process --type process
+worker: $(VENV)/.installed ## A process worker for the sora2-process pool.
+	$(PY) -c "from deployments.setup import require_api_url; require_api_url()"
+	$(PREFECT) worker start --pool sora2-process --type process
 
 serve: $(VENV)/.installed ## No work pool: serve every flow from this one process.
 	$(PY) -m deployments.serve

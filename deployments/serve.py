@@ -1,8 +1,8 @@
 """Serve every flow from this one process: no work pool, no worker needed.
 
-``make serve`` (with ``PREFECT_API_URL`` set, or Prefect's embedded server)
-registers the deployments and runs whatever is triggered from the UI or API
-until you press Ctrl-C.
+``make serve`` registers the block type and the deployments on the server your
+Prefect settings name, and runs whatever is triggered from the UI or API until
+you press Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ import sys
 
 from prefect import aserve
 
+from deployments.setup import require_api_url
 from flows.video import prompt_to_video, resume_video, topic_to_video
+from tasks.credentials import NanoPhotoCredentials
 
 
 async def serve() -> None:
-    """Register the on-demand deployments and run them here."""
+    """Register the block type and the on-demand deployments, and run them here."""
+    await NanoPhotoCredentials.aregister_type_and_schema()
     await aserve(
         await topic_to_video.ato_deployment(name="served", tags=["sora2", "served"]),
         await prompt_to_video.ato_deployment(name="served", tags=["sora2", "served"]),
@@ -27,6 +30,7 @@ async def serve() -> None:
 
 def main() -> int:
     """Serve until interrupted."""
+    require_api_url()
     asyncio.run(serve())
     return 0
 

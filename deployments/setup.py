@@ -1,12 +1,14 @@
 """Prepare a Prefect server for sora2-flows, idempotently, then deploy prefect.yaml.
 
-Run it as often as you like (``make deploy``): it creates what is missing and
-leaves the rest alone. It needs ``PREFECT_API_URL`` pointing at your server.
+Run it as often as you like (``make deploy``): it creates what is missing,
+updates what changed, and keeps what you changed in the UI (schedules you
+turned on stay on). It talks to the server your Prefect settings name
+(``PREFECT_API_URL`` or the active profile).
 
 1. the process work pool ``sora2-process``;
-2. the ``nanophoto-credentials`` block type (and, with ``--store-key``, a block
-   named ``nanophoto`` holding ``NANOPHOTO_API_KEY`` from the environment);
-3. the global rate limit ``nanophoto-api`` (100 requests an hour by default);
+2. the Prefect Variable ``sora2_project_dir``: where workers find this project;
+3. the ``nanophoto-credentials`` block type (and, with ``--store-key``, a block
+   holding ``NANOPHOTO_API_KEY`` from the environment);
 4. the zombie-run automation from ``deployments/automations.yaml``;
 5. every deployment in ``prefect.yaml``, without prompting.
 """
@@ -20,20 +22,23 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Final
+from uuid import UUID
 
 import yaml
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.events.schemas.automations import AutomationCore
 from prefect.exceptions import ObjectAlreadyExists
+from prefect.settings import get_current_settings
+from prefect.variables import Variable
+from prefect.workers.process import ProcessWorker
 from pydantic import SecretStr
 
-from nanophoto.contract import RATE_LIMIT_PER_HOUR
-from tasks.credentials import DEFAULT_BLOCK_NAME, NanoPhotoCredentials
+from tasks.credentials import DEFAULT_BLOCK_NAME, NanoPhotoCredentials, load_credentials
 
 PROJECT_DIR: Final = Path(__file__).resolve().parent.parent
 WORK_POOL: Final = "sora2-process"
-RATE_LIMIT: Final = "nanophoto-api"
+PROJECT_VARIABLE: Final = "sora2_project_dir"
 ZOMBIE_AUTOMATION: Final = "crash-zombie-video-runs"
 
 
@@ -42,14 +47,44 @@ def say(message: str) -> None:
     print(f"setup: {message}", flush=True)
 
 
+def require_api_url() -> str:
+    """The Prefect server's API URL from settings; stop with advice if there is none."""
+    url = get_current_settings().api.url
+    if not url:
+        raise SystemExit(
+            "no Prefect server configured: start one with `make server`, then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` "
+            "(or `prefect config set PREFECT_API_URL=...`)"
+        )
+    return url
+
+
 async def ensure_work_pool() -> None:
-    """The process work pool; an existing one (and its edits) is kept."""
+    """The process work pool, with Prefect's default job template; edits are kept."""
+    template = ProcessWorker.get_default_base_job_template()
     async with get_client() as client:
         try:
-            await client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"))
+            await client.create_work_pool(
+                WorkPoolCreate(name=WORK_POOL, type="process", base_job_template=template)
+            )
             say(f"created work pool {WORK_POOL}")
         except ObjectAlreadyExists:
-            say(f"work pool {WORK_POOL} already exists")
+            pool = await client.read_work_pool(WORK_POOL)
+            if not pool.base_job_template:
+                await client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=template))
+                say(f"work pool {WORK_POOL} exists; gave it the default job template")
+            else:
+                say(f"work pool {WORK_POOL} already exists")
+
+
+async def ensure_project_variable() -> None:
+    """Where the pull step finds the project: this folder, unless you changed it."""
+    current = await Variable.aget(PROJECT_VARIABLE)
+    if current is None:
+        await Variable.aset(PROJECT_VARIABLE, str(PROJECT_DIR))
+        say(f"variable {PROJECT_VARIABLE} = {PROJECT_DIR}")
+    else:
+        say(f"variable {PROJECT_VARIABLE} already set ({current})")
 
 
 async def ensure_credentials(store_key: bool, block_name: str) -> None:
@@ -61,34 +96,57 @@ async def ensure_credentials(store_key: bool, block_name: str) -> None:
     key = os.environ.get("NANOPHOTO_API_KEY", "").strip()
     if not key:
         raise SystemExit("setup: --store-key needs NANOPHOTO_API_KEY in the environment")
-    block = NanoPhotoCredentials(
-        api_key=SecretStr(key), base_url=os.environ.get("NANOPHOTO_BASE_URL") or None
-    )
+    existing = await load_credentials(block_name)
+    # Keep a base URL stored earlier unless a new one is given.
+    base_url = os.environ.get("NANOPHOTO_BASE_URL") or (existing.base_url if existing else None)
+    block = NanoPhotoCredentials(api_key=SecretStr(key), base_url=base_url)
     await block.asave(block_name, overwrite=True)
     say(f"saved the key in block nanophoto-credentials/{block_name}")
 
 
-async def ensure_rate_limit(per_hour: int) -> None:
-    """A global limit used as a rate limit: ``per_hour`` slots refilled over an hour."""
-    async with get_client() as client:
-        await client.upsert_global_concurrency_limit_by_name(
-            RATE_LIMIT, per_hour, slot_decay_per_second=per_hour / 3600
-        )
-    say(f"rate limit {RATE_LIMIT}: {per_hour} requests an hour")
-
-
 async def ensure_zombie_automation() -> None:
-    """Crash runs whose heartbeats stop, so they never sit Running forever."""
+    """Crash runs whose heartbeats stop; created once, updated when the file changes."""
     document: dict[str, Any] = yaml.safe_load(
         (PROJECT_DIR / "deployments" / "automations.yaml").read_text(encoding="utf-8")
     )
     spec = next(a for a in document["automations"] if a["name"] == ZOMBIE_AUTOMATION)
+    wanted = AutomationCore.model_validate(spec)
     async with get_client() as client:
-        if await client.read_automations_by_name(ZOMBIE_AUTOMATION):
-            say(f"automation {ZOMBIE_AUTOMATION} already exists")
+        existing = await client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        if not existing:
+            await client.create_automation(wanted)
+            say(f"created automation {ZOMBIE_AUTOMATION}")
             return
-        await client.create_automation(AutomationCore.model_validate(spec))
-    say(f"created automation {ZOMBIE_AUTOMATION}")
+        current = AutomationCore.model_validate(existing[0].model_dump())
+        if current.model_dump(mode="json") != wanted.model_dump(mode="json"):
+            await client.update_automation(existing[0].id, wanted)
+            say(f"updated automation {ZOMBIE_AUTOMATION}")
+        else:
+            say(f"automation {ZOMBIE_AUTOMATION} already up to date")
+
+
+async def schedule_states() -> dict[tuple[UUID, str], bool]:
+    """Whether each named schedule of each deployment is on, as the server has it now."""
+    async with get_client() as client:
+        deployments = await client.read_deployments()
+    return {
+        (deployment.id, schedule.slug): schedule.active
+        for deployment in deployments
+        for schedule in deployment.schedules
+        if schedule.slug
+    }
+
+
+async def restore_schedule_states(before: dict[tuple[UUID, str], bool]) -> None:
+    """Put back the on/off state people chose in the UI; prefect.yaml only sets it once."""
+    async with get_client() as client:
+        for deployment in await client.read_deployments():
+            for schedule in deployment.schedules:
+                was = before.get((deployment.id, schedule.slug or ""))
+                if was is not None and was != schedule.active:
+                    await client.update_deployment_schedule(deployment.id, schedule.id, active=was)
+                    state = "on" if was else "off"
+                    say(f"kept schedule {deployment.name}/{schedule.slug} {state}")
 
 
 def deploy_all() -> None:
@@ -102,13 +160,13 @@ def deploy_all() -> None:
 async def prepare(args: argparse.Namespace) -> None:
     """Everything but the deploy, in order."""
     await ensure_work_pool()
+    await ensure_project_variable()
     await ensure_credentials(args.store_key, args.block_name)
-    await ensure_rate_limit(args.rate_limit)
     await ensure_zombie_automation()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prepare the server named by ``PREFECT_API_URL`` and deploy."""
+    """Prepare the configured Prefect server and deploy."""
     parser = argparse.ArgumentParser(
         prog="python -m deployments.setup",
         description=__doc__,
@@ -117,25 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--store-key",
         action="store_true",
-        help="save NANOPHOTO_API_KEY (and NANOPHOTO_BASE_URL) in a block",
+        help="save NANOPHOTO_API_KEY (and NANOPHOTO_BASE_URL, if set) in a block",
     )
     parser.add_argument("--block-name", default=DEFAULT_BLOCK_NAME)
-    parser.add_argument(
-        "--rate-limit",
-        type=int,
-        default=RATE_LIMIT_PER_HOUR,
-        help="requests an hour for the key (default: %(default)s)",
-    )
     parser.add_argument("--no-deploy", action="store_true", help="prepare only")
     args = parser.parse_args(argv)
-    if not os.environ.get("PREFECT_API_URL"):
-        raise SystemExit(
-            "setup: set PREFECT_API_URL to your Prefect server (e.g. "
-            "http://127.0.0.1:4200/api); `make server` starts one"
-        )
+    say(f"Prefect server: {require_api_url()}")
     asyncio.run(prepare(args))
     if not args.no_deploy:
+        before = asyncio.run(schedule_states())
         deploy_all()
+        asyncio.run(restore_schedule_states(before))
     say("done")
     return 0
 

@@ -30,9 +30,11 @@ from nanophoto.contract import (
 from nanophoto.errors import GenerationFailedError, NanoPhotoError
 from nanophoto.models import (
     ImageUrls,
+    ModelName,
     PromptRequest,
     PromptText,
     StageTimings,
+    TaskIdText,
     Topic,
     VideoOptions,
     VideoRequest,
@@ -72,7 +74,7 @@ async def topic_to_video(
     image_urls: ImageUrls = [],  # noqa: B006 (never mutated; a list renders as a list field)
     model_tier: ModelTier = DEFAULT_TIER,
     aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO,
-    prompt_model: str = DEFAULT_PROMPT_MODEL,
+    prompt_model: ModelName = DEFAULT_PROMPT_MODEL,
     schedule: WatchSchedule = WatchSchedule(),
     output_dir: str = "videos",
 ) -> VideoResult:
@@ -170,7 +172,7 @@ async def prompt_to_video(
 
 @flow(name="resume-video", flow_run_name=_resume_run_name)
 async def resume_video(
-    task_id: str,
+    task_id: TaskIdText,
     schedule: WatchSchedule = WatchSchedule(initial_delay=0),
     output_dir: str = "videos",
 ) -> VideoResult:
@@ -264,25 +266,27 @@ async def finish_video(
                 submitted_at=submitted_at,
                 on_transient_error=note_transient,
             )
-    except NanoPhotoError as error:
-        emit_video_event("failed", task_id, error_code=error.code, error=error.message)
+        wait_seconds = time.monotonic() - submitted_at
+        if status.is_failed or status.video_url is None:
+            refund = f"its {expected_cost} credits" if expected_cost is not None else "its credits"
+            raise GenerationFailedError(
+                f"video {task_id} failed: {status.error or 'no reason given'}. "
+                f"NanoPhoto refunds {refund}; a new submit is charged again.",
+                code=status.error_code or GenerationFailedError.code,
+            )
+        download_seconds, video = 0.0, None
+        if output_dir:
+            started = time.monotonic()
+            video = await download_video(task_id, status.video_url, output_dir)
+            download_seconds = time.monotonic() - started
+    except Exception as error:
+        # Every way a watched video can end badly is a "failed" event, so an
+        # automation on it never misses one (a cancelled run is not a failure).
+        code = error.code if isinstance(error, NanoPhotoError) else type(error).__name__
+        emit_video_event("failed", task_id, error_code=code, error=str(error)[:1000])
         raise
-    wait_seconds = time.monotonic() - submitted_at
-    await progress.finish(status.status)
-    if status.is_failed or status.video_url is None:
-        code = status.error_code or GenerationFailedError.code
-        emit_video_event("failed", task_id, error_code=code, error=status.error)
-        refund = f"its {expected_cost} credits" if expected_cost is not None else "its credits"
-        raise GenerationFailedError(
-            f"video {task_id} failed: {status.error or 'no reason given'}. "
-            f"NanoPhoto refunds {refund}; a new submit is charged again.",
-            code=code,
-        )
-    download_seconds, video = 0.0, None
-    if output_dir:
-        started = time.monotonic()
-        video = await download_video(task_id, status.video_url, output_dir)
-        download_seconds = time.monotonic() - started
+    finally:
+        await progress.finish(status.status)
     credits = status.credits_used if status.credits_used is not None else expected_cost
     result = VideoResult(
         task_id=task_id,

@@ -56,9 +56,14 @@ def check_image_url(url: str) -> str:
     return url.strip()
 
 
+# ``pattern`` puts "not blank" into the JSON schema, so a Prefect server
+# refuses a blank value before a run exists.
+_NOT_BLANK = r"\S"
 Topic = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=TOPIC_MAX_CHARS),
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=TOPIC_MAX_CHARS, pattern=_NOT_BLANK
+    ),
 ]
 # The pattern puts the rule in the JSON schema (so a run form refuses it);
 # the validator gives the clearer message and also refuses a URL with no host.
@@ -66,7 +71,16 @@ ImageUrl = Annotated[
     str, Field(pattern=r"^\s*[hH][tT][tT][pP][sS]?://"), AfterValidator(check_image_url)
 ]
 ImageUrls = Annotated[list[ImageUrl], Field(max_length=MAX_IMAGE_URLS)]
-PromptText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+PromptText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, pattern=_NOT_BLANK)
+]
+ModelName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, pattern=_NOT_BLANK)
+]
+TaskIdText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, pattern=r"^\s*[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\s*$"),
+]
 
 
 class _Request(BaseModel):
@@ -94,9 +108,7 @@ class PromptRequest(_Request):
     technique: Technique = DEFAULT_TECHNIQUE
     duration: Duration = DEFAULT_DURATION
     locale: Locale = DEFAULT_LOCALE
-    model: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] = (
-        DEFAULT_PROMPT_MODEL
-    )
+    model: ModelName = DEFAULT_PROMPT_MODEL
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON body: ``duration`` is a number on this endpoint."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nanophoto.contract import DEFAULT_BASE_URL
@@ -53,6 +54,19 @@ class NanoPhotoSettings(BaseSettings):
     openclaw_file: Path = Field(
         default=OPENCLAW_FILE, description="The OpenClaw config holding skill keys."
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _https_unless_local(cls, url: str) -> str:
+        """The key travels in a header: only over https, or to this machine."""
+        parts = urlsplit(url)
+        local = parts.hostname in ("localhost", "::1") or (parts.hostname or "").startswith("127.")
+        if parts.scheme != "https" and not (parts.scheme == "http" and local):
+            raise ValueError(
+                f"must be an https URL (http only for localhost), not {url!r}: "
+                "the API key would travel in clear text"
+            )
+        return url
 
 
 def _present(value: str | SecretStr | None) -> SecretStr | None:

@@ -15,7 +15,8 @@ from typing import Final
 
 from prefect import get_run_logger
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from prefect.runtime import flow_run
+from pydantic import Field, SecretStr, ValidationError
 
 from nanophoto.client import NanoPhotoClient
 from nanophoto.settings import NanoPhotoSettings
@@ -54,13 +55,35 @@ def block_name() -> str:
     return os.environ.get(BLOCK_NAME_VARIABLE, "").strip() or DEFAULT_BLOCK_NAME
 
 
-async def load_credentials() -> NanoPhotoCredentials | None:
-    """The credentials block, or None if there is none by that name."""
+async def load_credentials(name: str | None = None) -> NanoPhotoCredentials | None:
+    """The credentials block, or None if there is none by that name.
+
+    A block that exists but no longer validates is an error, not "absent":
+    falling through to another key source could bill another account.
+    """
     try:
-        block = await NanoPhotoCredentials.aload(block_name())
-    except ValueError:  # Prefect's "unable to find block document"
+        block = await NanoPhotoCredentials.aload(name or block_name())
+    except ValidationError:
+        raise
+    except ValueError as error:  # Prefect's "Unable to find block document named ..."
+        if "Unable to find" not in str(error):
+            raise
         return None
     return block if isinstance(block, NanoPhotoCredentials) else None
+
+
+# One block load per flow run and block name, not one per task (a video's
+# status checks would otherwise each read the block).
+_per_run: dict[tuple[str, str], NanoPhotoCredentials | None] = {}
+
+
+async def _credentials_for_this_run() -> NanoPhotoCredentials | None:
+    key = (str(flow_run.id or ""), block_name())
+    if not key[0] or key not in _per_run:
+        if len(_per_run) > 256:
+            _per_run.clear()
+        _per_run[key] = await load_credentials()
+    return _per_run[key]
 
 
 @asynccontextmanager
@@ -73,7 +96,7 @@ async def open_client() -> AsyncIterator[NanoPhotoClient]:
     settings = NanoPhotoSettings()
     extra: tuple[tuple[str, SecretStr | None], ...] = ()
     if settings.api_key is None or not settings.api_key.get_secret_value().strip():
-        block = await load_credentials()
+        block = await _credentials_for_this_run()
         if block is not None:
             extra = ((f"the Prefect block nanophoto-credentials/{block_name()}", block.api_key),)
             if block.base_url and "NANOPHOTO_BASE_URL" not in os.environ:

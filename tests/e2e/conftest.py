@@ -8,6 +8,7 @@ tests end, pass or fail.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -52,15 +53,16 @@ def base_env(home: Path, api_url: str) -> dict[str, str]:
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 15 s: never leave a process behind."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    """SIGTERM to its whole group, then SIGKILL after 15 s: never leave one behind."""
+    if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    # The group may hold children (flow-run processes) even after the leader exits.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
 
 
@@ -85,22 +87,31 @@ class PrefectServer:
                 start_new_session=True,
             )
         self.processes.append(process)
+        atexit.register(stop, process)  # even if pytest itself is interrupted
         return process
 
+    def stop_all(self) -> None:
+        """Stop every process started, newest first; each stop is independent."""
+        for process in reversed(self.processes):
+            try:
+                stop(process)
+            except Exception as error:  # keep stopping the others
+                print(f"could not stop {process.args!r}: {error!r}", file=sys.stderr)
 
-@pytest.fixture(scope="session")
+
+@pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """``prefect server start`` on a free loopback port, up within 180 s."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     server = PrefectServer(home=home, api_url=api_url, log=home / "server.log")
-    process = server.start(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        server.log,
-        base_env(home, api_url),
-    )
     try:
+        process = server.start(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            server.log,
+            base_env(home, api_url),
+        )
         deadline = time.monotonic() + 180
         while True:
             assert process.poll() is None, server.log.read_text(errors="replace")[-3000:]
@@ -113,5 +124,4 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             time.sleep(0.5)
         yield server
     finally:
-        for started in reversed(server.processes):
-            stop(started)
+        server.stop_all()

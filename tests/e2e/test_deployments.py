@@ -1,16 +1,19 @@
-"""The Prefect way, for real: setup, deployments, a process worker, UI/API triggers.
+"""The Prefect way, for real: setup, deployments, process workers, UI/API triggers.
 
 One test walks the whole path, because each step needs the one before and the
-server takes tens of seconds to start:
-setup (twice: idempotent) → worker → run_deployment → ``prefect deployment run
---param`` → results, artifacts and events → a 501-character topic refused by
-the server → the API key found nowhere.
+server takes tens of seconds to start: setup twice (idempotent, keeping a
+schedule someone turned on) → a worker whose key comes from the block →
+arun_deployment → a worker whose key comes from its environment →
+``prefect deployment run --param`` → results, artifacts and events for both →
+a 501-character topic refused by the server → the key found nowhere, after
+the server has stopped and flushed everything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import arun_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.exceptions import PrefectHTTPStatusError
@@ -35,6 +39,8 @@ from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env
 
 SECRET = "np-e2e-7f3a9c1d5b-SECRET"
 SCHEDULE = {"initial_delay": 1.2, "interval": 0.2, "max_wait": 12.0, "expected_generation": 3.0}
+VIDEO_EVENTS = {"nanophoto.video.submitted", "nanophoto.video.completed"}
+WORKER = [str(BIN / "prefect"), "worker", "start", "--pool", "sora2-process", "--type", "process"]
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 240) -> str:
@@ -44,6 +50,171 @@ def run(args: list[str], env: dict[str, str], timeout: float = 240) -> str:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
+
+
+@pytest.fixture
+def simulator() -> Any:
+    with SimulatorThread(SimulatorConfig(keys={SECRET: 1000}, time_scale=0.01, seed=3)) as sim:
+        yield sim
+
+
+@pytest.mark.timeout(600)
+def test_deployments_run_on_a_real_server_and_worker(
+    prefect_server: PrefectServer, simulator: Simulator, tmp_path: Path
+) -> None:
+    env = base_env(prefect_server.home, prefect_server.api_url)
+    videos = tmp_path / "videos"
+    setup_env = {**env, "NANOPHOTO_API_KEY": SECRET, "NANOPHOTO_BASE_URL": simulator.base_url}
+    setup = [str(BIN / "python"), "-m", "deployments.setup", "--store-key"]
+    worker_env = {**env, "NANOPHOTO_RETRY_BASE_DELAY": "0.01"}
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        # 1. Setup twice: the second run adds nothing and keeps a schedule turned on.
+        assert "created work pool sora2-process" in run(setup, setup_env)
+        first = asyncio.run(server_state())
+        asyncio.run(turn_on_schedule("topic-to-video/daily", "weekday-city"))
+        assert "kept schedule" in run(setup, setup_env)
+        second = asyncio.run(server_state())
+        assert second["active"] == {**first["active"], "daily/weekday-city": True}
+        assert {k: v for k, v in second.items() if k != "active"} == {
+            k: v for k, v in first.items() if k != "active"
+        }
+
+        # 2. A worker with no key in its environment: the block provides it.
+        block_worker = prefect_server.start(
+            WORKER, prefect_server.home / "worker-block.log", worker_env
+        )
+        flow_run = asyncio.run(
+            arun_deployment(
+                "topic-to-video/on-demand",
+                parameters={
+                    "topic": "A red fox in fresh snow",
+                    "schedule": SCHEDULE,
+                    "output_dir": str(videos),
+                },
+                timeout=180,
+            )
+        )
+        assert flow_run.state is not None
+        assert flow_run.state.is_completed(), worker_log_tail(prefect_server, "worker-block")
+        assert flow_run.name == "video: A red fox in fresh snow"
+        block_worker.terminate()
+        block_worker.wait(timeout=30)
+
+        # 3. A worker with the key in its environment, and a run from the CLI.
+        prefect_server.start(
+            WORKER,
+            prefect_server.home / "worker-env.log",
+            {**worker_env, "NANOPHOTO_API_KEY": SECRET, "NANOPHOTO_BASE_URL": simulator.base_url},
+        )
+        cli = run(
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "prompt-to-video/on-demand",
+                "--param",
+                "prompt=A lighthouse in a storm, slow push-in",
+                "--param",
+                f"output_dir={videos}",
+                "--params",
+                json.dumps({"schedule": SCHEDULE, "aspect_ratio": "landscape"}),
+                "--watch",
+                "--watch-timeout",
+                "180",
+            ],
+            env,
+        )
+        cli_run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", cli).group(1))  # type: ignore[union-attr]
+        cli_run = asyncio.run(read_flow_run(cli_run_id))
+        assert cli_run.state is not None
+        assert cli_run.state.is_completed(), worker_log_tail(prefect_server, "worker-env")
+        assert cli_run.name == "prompt video: A lighthouse in a storm, slow push-in"
+
+        # 4. What both runs left: one submit each, videos, artifacts, events.
+        ledger = simulator.snapshot()
+        assert ledger["submits"] == 2
+        fox, lighthouse = ledger["tasks"]
+        assert (fox["aspect_ratio"], lighthouse["aspect_ratio"]) == ("portrait", "landscape")
+        for run_id, task in ((flow_run.id, fox), (cli_run_id, lighthouse)):
+            task_id = task["task_id"]
+            assert (videos / f"{task_id}.mp4").read_bytes()[4:8] == b"ftyp"
+            artifacts = asyncio.run(read_artifacts(run_id))
+            markdown = [str(a.data) for a in artifacts if a.type == "markdown"]
+            # Prefect stores a link artifact as markdown: "[text](url)".
+            assert f"[Video {task_id}]({simulator.media_url}/sora/{task_id}.mp4)" in markdown
+            assert any("# Video prompt" in text for text in markdown)
+            assert [a.data for a in artifacts if a.type == "progress"] == [100.0]
+            assert asyncio.run(wait_for_events(task_id, VIDEO_EVENTS)) >= VIDEO_EVENTS
+        assert any(
+            "A red fox in fresh snow" in str(a.data)
+            for a in asyncio.run(read_artifacts(flow_run.id))
+        )
+
+        # 5. The server refuses a 501-character topic before any run exists.
+        before = asyncio.run(count_flow_runs())
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            asyncio.run(
+                arun_deployment(
+                    "topic-to-video/on-demand", parameters={"topic": "x" * 501}, timeout=0
+                )
+            )
+        assert refused.value.response.status_code == 409
+        assert "topic" in refused.value.response.text
+        assert asyncio.run(count_flow_runs()) == before
+        assert simulator.snapshot()["total_requests"] == ledger["total_requests"]
+
+        # 6. The key is in nothing the server hands back...
+        stored = asyncio.run(everything_stored())
+    assert SECRET not in stored
+    # ...nor, once everything has stopped and flushed, in any file it wrote.
+    prefect_server.stop_all()
+    files = [path for path in prefect_server.home.rglob("*") if path.is_file()]
+    assert any(path.name.startswith("prefect.db") for path in files)
+    for path in files:
+        assert SECRET.encode() not in path.read_bytes(), f"the key is in {path}"
+
+
+def worker_log_tail(server: PrefectServer, name: str) -> str:
+    return (server.home / f"{name}.log").read_text(errors="replace")[-3000:]
+
+
+async def server_state() -> dict[str, Any]:
+    """What setup creates, counted, plus which named schedules are on."""
+    async with get_client() as client:
+        deployments = await client.read_deployments()
+        return {
+            "pools": sorted(p.name for p in await client.read_work_pools()),
+            "deployments": sorted(d.name + "@" + str(d.flow_id) for d in deployments),
+            "automations": sorted(a.name for a in await client.read_automations()),
+            "blocks": sorted(str(b.name) for b in await client.read_block_documents()),
+            "variables": sorted(v.name for v in await client.read_variables()),
+            "active": {f"{d.name}/{s.slug}": s.active for d in deployments for s in d.schedules},
+        }
+
+
+async def turn_on_schedule(deployment: str, slug: str) -> None:
+    async with get_client() as client:
+        found = await client.read_deployment_by_name(deployment)
+        schedule = next(s for s in found.schedules if s.slug == slug)
+        await client.update_deployment_schedule(found.id, schedule.id, active=True)
+
+
+async def read_flow_run(flow_run_id: UUID) -> FlowRun:
+    async with get_client() as client:
+        return await client.read_flow_run(flow_run_id)
+
+
+async def read_artifacts(flow_run_id: UUID) -> list[Any]:
+    async with get_client() as client:
+        return await client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+async def count_flow_runs() -> int:
+    async with get_client() as client:
+        return len(await client.read_flow_runs())
 
 
 async def wait_for_events(task_id: str, names: set[str], within: float = 30) -> set[str]:
@@ -66,133 +237,8 @@ async def wait_for_events(task_id: str, names: set[str], within: float = 30) -> 
     return seen
 
 
-@pytest.fixture
-def simulator() -> Any:
-    with SimulatorThread(SimulatorConfig(keys={SECRET: 1000}, time_scale=0.01, seed=3)) as sim:
-        yield sim
-
-
-def test_deployments_run_on_a_real_server_and_worker(
-    prefect_server: PrefectServer, simulator: Simulator, tmp_path: Path
-) -> None:
-    env = base_env(prefect_server.home, prefect_server.api_url)
-    videos = tmp_path / "videos"
-
-    # 1. Setup, twice: the second run must change nothing and still succeed.
-    setup_env = {**env, "NANOPHOTO_API_KEY": SECRET, "NANOPHOTO_BASE_URL": simulator.base_url}
-    setup = [str(BIN / "python"), "-m", "deployments.setup", "--store-key"]
-    first = run(setup, setup_env)
-    second = run(setup, setup_env)
-    assert "created work pool sora2-process" in first
-    assert "already exists" in second
-
-    # 2. A process worker with no key in its environment: the block provides it.
-    worker_env = {
-        **env,
-        "SORA2_PROJECT_DIR": str(PROJECT_DIR),
-        "NANOPHOTO_RETRY_BASE_DELAY": "0.01",
-        "NANOPHOTO_RETRY_RATE_LIMIT_DELAY": "0.05",
-    }
-    worker_log = prefect_server.home / "worker.log"
-    prefect_server.start(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "sora2-process", "--type", "process"],
-        worker_log,
-        worker_env,
-    )
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
-        # 3. Triggered from Python, as the UI and API do.
-        flow_run = asyncio.run(
-            arun_deployment(
-                "topic-to-video/on-demand",
-                parameters={
-                    "topic": "A red fox in fresh snow",
-                    "schedule": SCHEDULE,
-                    "output_dir": str(videos),
-                },
-                timeout=180,
-            )
-        )
-        assert flow_run.state is not None
-        assert flow_run.state.is_completed(), flow_run.state.message
-        assert flow_run.name == "video: A red fox in fresh snow"
-
-        # 4. Triggered from the command line with --param / --params.
-        cli = run(
-            [
-                str(BIN / "prefect"),
-                "deployment",
-                "run",
-                "prompt-to-video/on-demand",
-                "--param",
-                "prompt=A lighthouse in a storm, slow push-in",
-                "--param",
-                f"output_dir={videos}",
-                "--params",
-                json.dumps({"schedule": SCHEDULE, "aspect_ratio": "landscape"}),
-                "--watch",
-                "--watch-timeout",
-                "180",
-            ],
-            env,
-        )
-        assert "Completed" in cli
-
-        # 5. What the runs left: videos, artifacts, events.
-        ledger = simulator.snapshot()
-        assert ledger["submits"] == 2
-        task_ids = [task["task_id"] for task in ledger["tasks"]]
-        for task_id in task_ids:
-            video = videos / f"{task_id}.mp4"
-            assert video.read_bytes()[4:8] == b"ftyp"
-        artifacts = asyncio.run(_artifacts(flow_run.id))
-        # Prefect stores a link artifact as markdown: "[text](url)".
-        markdown = [str(a.data) for a in artifacts if a.type == "markdown"]
-        assert any("A red fox in fresh snow" in text for text in markdown)  # the prompt
-        link = f"[Video {task_ids[0]}]({simulator.media_url}/sora/{task_ids[0]}.mp4)"
-        assert link in markdown  # the video
-        progress = next(a for a in artifacts if a.type == "progress")
-        assert progress.data == 100.0
-        seen = asyncio.run(
-            wait_for_events(task_ids[0], {"nanophoto.video.submitted", "nanophoto.video.completed"})
-        )
-        assert seen >= {"nanophoto.video.submitted", "nanophoto.video.completed"}
-
-        # 6. The server refuses a 501-character topic before any run exists.
-        before = asyncio.run(_count_flow_runs())
-        with pytest.raises(PrefectHTTPStatusError) as refused:
-            asyncio.run(
-                arun_deployment(
-                    "topic-to-video/on-demand", parameters={"topic": "x" * 501}, timeout=0
-                )
-            )
-        assert refused.value.response.status_code == 409
-        assert "topic" in refused.value.response.text
-        assert asyncio.run(_count_flow_runs()) == before
-        assert simulator.snapshot()["total_requests"] == ledger["total_requests"]
-
-        # 7. The key is nowhere: parameters, logs, artifacts, database, process logs.
-        stored = asyncio.run(_everything_stored(flow_run.id))
-    assert SECRET not in stored
-    for path in prefect_server.home.rglob("*"):
-        if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), f"the key is in {path}"
-
-
-async def _artifacts(flow_run_id: UUID) -> list[Any]:
-    async with get_client() as client:
-        return await client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-
-
-async def _count_flow_runs() -> int:
-    async with get_client() as client:
-        return len(await client.read_flow_runs())
-
-
-async def _everything_stored(flow_run_id: UUID) -> str:
-    """Parameters, logs and artifacts of every run, as one string to search."""
+async def everything_stored() -> str:
+    """Parameters, logs, artifacts, blocks and events, as one string to search."""
     async with get_client() as client:
         runs = await client.read_flow_runs()
         logs = await client.read_logs(
@@ -200,11 +246,13 @@ async def _everything_stored(flow_run_id: UUID) -> str:
         )
         artifacts = await client.read_artifacts()
         blocks = await client.read_block_documents(include_secrets=False)
+        events = await client.read_events(limit=50)
     return "\n".join(
         [
             *(json.dumps(r.parameters, default=str) for r in runs),
             *(log.message for log in logs),
             *(str(a.data) + str(a.description) for a in artifacts),
             *(str(b.data) for b in blocks),
+            *(e.model_dump_json() for e in events.events),
         ]
     )

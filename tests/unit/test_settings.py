@@ -89,3 +89,11 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("NANOPHOTO_READ_TIMEOUT", "5")
     settings = NanoPhotoSettings()
     assert (settings.base_url, settings.read_timeout) == ("http://127.0.0.1:8765", 5.0)
+
+
+@pytest.mark.parametrize("url", ["http://nanophoto.ai", "ftp://nanophoto.ai", "nanophoto.ai"])
+def test_the_key_only_travels_over_https_or_to_this_machine(url: str) -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        NanoPhotoSettings(base_url=url)
+    for fine in ("https://nanophoto.ai", "http://127.0.0.1:8765", "http://localhost:1"):
+        assert NanoPhotoSettings(base_url=fine).base_url == fine

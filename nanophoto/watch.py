@@ -21,7 +21,7 @@ from nanophoto.contract import (
     MAX_WAIT_S,
     STATUS_CHECK_INTERVAL_S,
 )
-from nanophoto.errors import NanoPhotoError, WaitTimeoutError
+from nanophoto.errors import NanoPhotoError, RateLimitError, WaitTimeoutError
 from nanophoto.models import VideoStatus
 
 CheckStatus = Callable[[str], Awaitable[VideoStatus]]
@@ -108,6 +108,7 @@ async def watch_video(
     start = clock() if submitted_at is None else submitted_at
     last: VideoStatus | None = None
     index = 0
+    not_before = 0.0  # seconds after submit; a 429's Retry-After pushes it out
     while True:
         await sleep(max(0.0, schedule.check_time(index) - (clock() - start)))
         try:
@@ -117,6 +118,8 @@ async def watch_video(
                 raise
             if on_transient_error is not None:
                 on_transient_error(error)
+            if isinstance(error, RateLimitError) and error.retry_after:
+                not_before = clock() - start + error.retry_after
         else:
             if not last.is_running:
                 return last
@@ -127,4 +130,4 @@ async def watch_video(
                 f"(last status: {seen}). It may still finish: resume watching it "
                 f"by its task id instead of submitting again."
             )
-        index = schedule.next_index(index, clock() - start)
+        index = schedule.next_index(index, max(clock() - start, not_before))

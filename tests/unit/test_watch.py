@@ -7,6 +7,7 @@ import pytest
 from nanophoto.errors import (
     ConnectionDroppedError,
     NanoPhotoError,
+    RateLimitError,
     TaskNotFoundError,
     WaitTimeoutError,
 )
@@ -123,6 +124,16 @@ async def test_a_scaled_schedule_keeps_its_count_of_checks() -> None:
     with pytest.raises(WaitTimeoutError):
         await video.watch(schedule)
     assert video.checks == pytest.approx([1.2, 1.4, 1.6, 1.8, 2.0])
+
+
+async def test_a_429_with_retry_after_skips_the_slots_it_asks_us_to_skip() -> None:
+    video = FakeVideo(ready_at=150)
+    limited = RateLimitError("over the limit")
+    limited.retry_after = 50
+    video.errors[1] = limited
+    status = await video.watch()
+    assert status.is_completed
+    assert video.checks == [120, 180]  # not 140 or 160: the server asked for 50 s
 
 
 def test_schedule_scales_every_duration() -> None:

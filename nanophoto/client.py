@@ -214,7 +214,7 @@ class NanoPhotoClient:
         async def attempt() -> VideoStatus:
             document = await self._post(SUBMIT_PATH, request.to_wire())
             try:
-                return VideoStatus.model_validate(document)
+                return VideoStatus.from_answer(document)
             except ValidationError as error:
                 raise GatewayError(f"submit answer without a task: {_first(error)}") from None
 
@@ -241,11 +241,13 @@ class NanoPhotoClient:
 
         async def attempt() -> VideoStatus:
             document = await self._post(STATUS_PATH, {"taskId": task_id})
-            document.setdefault("taskId", task_id)
-            if document.get("status") == FAILED:
-                document.setdefault("errorCode", "GENERATION_FAILED")
+            parsed = {"taskId": task_id, **document}
+            if parsed.get("status") == FAILED:
+                parsed.setdefault("errorCode", "GENERATION_FAILED")
             try:
-                return VideoStatus.model_validate(document)
+                status = VideoStatus.model_validate(parsed)
+                status._raw = document
+                return status
             except ValidationError as error:
                 raise GatewayError(f"malformed status answer: {_first(error)}") from None
 

@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationInfo,
     field_validator,
@@ -56,30 +57,29 @@ def check_image_url(url: str) -> str:
     return url.strip()
 
 
-# ``pattern`` puts "not blank" into the JSON schema, so a Prefect server
-# refuses a blank value before a run exists.
+def schema_pattern(pattern: str) -> Any:
+    """A pattern for the JSON schema only (so a Prefect server refuses a bad value
+    before a run exists); our validators check the same rule with a clearer message."""
+    return Field(json_schema_extra={"pattern": pattern})
+
+
 _NOT_BLANK = r"\S"
 Topic = Annotated[
     str,
-    StringConstraints(
-        strip_whitespace=True, min_length=1, max_length=TOPIC_MAX_CHARS, pattern=_NOT_BLANK
-    ),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TOPIC_MAX_CHARS),
+    schema_pattern(_NOT_BLANK),
 ]
-# The pattern puts the rule in the JSON schema (so a run form refuses it);
-# the validator gives the clearer message and also refuses a URL with no host.
+
+
 ImageUrl = Annotated[
-    str, Field(pattern=r"^\s*[hH][tT][tT][pP][sS]?://"), AfterValidator(check_image_url)
+    str, AfterValidator(check_image_url), schema_pattern(r"^\s*[hH][tT][tT][pP][sS]?://")
 ]
 ImageUrls = Annotated[list[ImageUrl], Field(max_length=MAX_IMAGE_URLS)]
 PromptText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, pattern=_NOT_BLANK)
+    str, StringConstraints(strip_whitespace=True, min_length=1), schema_pattern(_NOT_BLANK)
 ]
 ModelName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, pattern=_NOT_BLANK)
-]
-TaskIdText = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, pattern=r"^\s*[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\s*$"),
+    str, StringConstraints(strip_whitespace=True, min_length=1), schema_pattern(_NOT_BLANK)
 ]
 
 
@@ -179,8 +179,21 @@ _SAFE_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 def video_filename(task_id: str) -> str:
     """``<task_id>.mp4``, refusing ids that could escape a folder (``/``, ``..``)."""
     if not _SAFE_TASK_ID.fullmatch(task_id) or ".." in task_id:
-        raise ValueError(f"task_id: {task_id!r} is not a safe file name")
+        raise ValueError(f"task_id: {task_id!r} is not a NanoPhoto task id")
     return f"{task_id}.mp4"
+
+
+def _check_task_id(task_id: str) -> str:
+    video_filename(task_id)  # the same rule that names its file
+    return task_id
+
+
+TaskIdText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True),
+    AfterValidator(_check_task_id),
+    schema_pattern(r"^\s*[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\s*$"),
+]
 
 
 @dataclass(frozen=True)
@@ -211,6 +224,19 @@ class VideoStatus(_Response):
     message: str | None = None
     error: str | None = None
     error_code: str | None = Field(default=None, alias="errorCode")
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def from_answer(cls, document: dict[str, Any]) -> VideoStatus:
+        """Parse an API answer, keeping the document exactly as received."""
+        status = cls.model_validate(document)
+        status._raw = dict(document)
+        return status
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The API's JSON document as received (empty if built by hand)."""
+        return self._raw
 
     @property
     def is_completed(self) -> bool:

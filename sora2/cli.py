@@ -1,0 +1,589 @@
+"""``sora2``: the published sora2_generate.py commands, and what they lack.
+
+``submit`` and ``status`` take the published tool's flags and print the same
+JSON documents (``{"stage": ..., "response": ...}``, or the raw responses with
+``--json-only``) with the same exit codes: 0 success, 1 failure, 2 bad
+arguments. Unlike it, every argument is checked before any credit is spent,
+and ``--follow`` rides out a 429, a gateway error or a dropped connection by
+backing off and watching the same task, instead of leaving a paid job
+unwatched. ``prompt`` streams a prompt, ``video`` runs the whole Prefect flow,
+``sandbox`` starts the simulator.
+
+``submit``, ``status`` and ``prompt`` never import Prefect: they answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import IO, Any, Final, NoReturn, TypeVar
+
+from pydantic import ValidationError
+
+from nanophoto.client import NanoPhotoClient
+from nanophoto.contract import (
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_DURATION,
+    DEFAULT_LOCALE,
+    DEFAULT_MODE,
+    DEFAULT_PROMPT_MODEL,
+    DEFAULT_TECHNIQUE,
+    DEFAULT_TIER,
+    DURATIONS,
+    INITIAL_STATUS_DELAY_S,
+    MAX_WAIT_S,
+    STATUS_CHECK_INTERVAL_S,
+    AspectRatio,
+    Locale,
+    Mode,
+    ModelTier,
+    Technique,
+)
+from nanophoto.errors import NanoPhotoError
+from nanophoto.models import PromptRequest, VideoRequest, VideoStatus
+from nanophoto.settings import NanoPhotoSettings
+from nanophoto.watch import WatchSchedule, watch_video
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+
+# Where each model field comes from on the command line, for error messages.
+FLAGS: Final = {
+    "prompt": "--prompt",
+    "topic": "--topic",
+    "mode": "--mode",
+    "image_urls": "--image-url",
+    "model_tier": "--model-tier",
+    "aspect_ratio": "--aspect-ratio",
+    "video_duration": "--video-duration",
+    "duration": "--duration",
+    "technique": "--technique",
+    "locale": "--locale",
+    "model": "--model",
+    "initial_delay": "--initial-status-delay",
+    "interval": "--status-check-interval",
+    "max_wait": "--max-wait",
+    "read_timeout": "--timeout",
+    "connect_timeout": "--timeout",
+    "write_timeout": "--timeout",
+}
+
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A bad argument, found before anything was sent."""
+
+
+class Output:
+    """Documents on stdout; on a terminal, a live progress line on stderr.
+
+    When stderr is not a terminal, nothing but plain lines goes there: no
+    carriage returns, no escape codes.
+    """
+
+    def __init__(self, json_only: bool, stdout: IO[str], stderr: IO[str]) -> None:
+        self.json_only = json_only
+        self.stdout = stdout
+        self.stderr = stderr
+        self.live = stderr.isatty()
+        self._line = False
+
+    def document(self, stage: str, response: dict[str, Any]) -> None:
+        """One JSON document: the raw response, or ``{"stage", "response"}``."""
+        self._clear()
+        body = response if self.json_only else {"stage": stage, "response": response}
+        print(json.dumps(body, ensure_ascii=False), file=self.stdout, flush=True)
+
+    def note(self, message: str) -> None:
+        """A line for the person watching, on stderr."""
+        self._clear()
+        print(f"sora2: {message}", file=self.stderr, flush=True)
+
+    def progress(self, status: str, elapsed: float, next_check: float) -> None:
+        """Redraw the live line (terminal only)."""
+        if not self.live:
+            return
+        line = f"{status} · {_clock(elapsed)} elapsed · next check in {_clock(next_check)}"
+        self.stderr.write(f"\r\x1b[K{line}")
+        self.stderr.flush()
+        self._line = True
+
+    def _clear(self) -> None:
+        if self._line:
+            self.stderr.write("\r\x1b[K")
+            self.stderr.flush()
+            self._line = False
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# --- argument parsing -------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with examples kept as written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        help="NanoPhoto API key (default: NANOPHOTO_API_KEY, then ~/.openclaw/openclaw.json)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="HTTP timeout in seconds (default: 60)"
+    )
+
+
+def _add_video_flags(parser: argparse.ArgumentParser, *, duration_flag: bool) -> None:
+    parser.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
+    parser.add_argument(
+        "--model-tier", choices=[t.value for t in ModelTier], default=DEFAULT_TIER.value
+    )
+    parser.add_argument(
+        "--aspect-ratio",
+        choices=[a.value for a in AspectRatio],
+        default=DEFAULT_ASPECT_RATIO.value,
+    )
+    if duration_flag:
+        parser.add_argument(
+            "--video-duration",
+            choices=[str(d) for d in DURATIONS],
+            default=str(DEFAULT_DURATION),
+            help="seconds (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--image-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="public http(s) image URL, up to 3 (required for imageToVideo)",
+    )
+
+
+def _add_timing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--initial-status-delay",
+        type=float,
+        default=INITIAL_STATUS_DELAY_S,
+        help="seconds before the first status check (default: 120)",
+    )
+    parser.add_argument(
+        "--status-check-interval",
+        type=float,
+        default=STATUS_CHECK_INTERVAL_S,
+        help="seconds between status checks (default: 20)",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=MAX_WAIT_S,
+        help="seconds after submit to stop watching (default: 1200)",
+    )
+
+
+def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--topic", required=True, help="what the video is about (1-500 chars)")
+    parser.add_argument(
+        "--technique", choices=[t.value for t in Technique], default=DEFAULT_TECHNIQUE.value
+    )
+    parser.add_argument(
+        "--duration",
+        choices=[str(d) for d in DURATIONS],
+        default=str(DEFAULT_DURATION),
+        help="video seconds the prompt is written for (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--locale", choices=[loc.value for loc in Locale], default=DEFAULT_LOCALE.value
+    )
+    parser.add_argument("--model", default=DEFAULT_PROMPT_MODEL, help="the prompt-writing model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sora2`` command line."""
+    parser = _Parser(
+        prog="sora2",
+        description="Sora 2 videos through NanoPhoto.AI: submit, watch, prompt, run the "
+        "Prefect flow, or try it all on a local sandbox.",
+        epilog="Example: sora2 submit --prompt 'A red fox at dawn' --follow",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser(
+        "submit",
+        help="start a video (and --follow it to the end)",
+        description="Start a Sora 2 video. Every argument is checked before anything is "
+        "sent; with --follow, watch it until it is completed, failed or --max-wait passes.",
+        epilog="Example:\n  sora2 submit --prompt 'A red fox crossing fresh snow at dawn' "
+        "--aspect-ratio landscape --follow",
+    )
+    submit.add_argument("--prompt", required=True, help="the video prompt")
+    _add_video_flags(submit, duration_flag=True)
+    submit.add_argument("--follow", action="store_true", help="watch the task until it ends")
+    submit.add_argument("--json-only", action="store_true", help="print raw API responses only")
+    _add_timing_flags(submit)
+    _add_client_flags(submit)
+    submit.set_defaults(handler=_submit)
+
+    status = commands.add_parser(
+        "status",
+        help="check a video task once",
+        description="Ask NanoPhoto how a video task is doing. Exit 1 if it failed.",
+        epilog="Example:\n  sora2 status --task-id task_abc123",
+    )
+    status.add_argument("--task-id", required=True)
+    status.add_argument("--json-only", action="store_true", help="print the raw response only")
+    _add_client_flags(status)
+    status.set_defaults(handler=_status)
+
+    prompt = commands.add_parser(
+        "prompt",
+        help="stream a structured video prompt for a topic",
+        description="Write a video prompt for a topic, streamed as it is written. "
+        "Costs 2 credits (refunded if generation fails).",
+        epilog="Example:\n  sora2 prompt --topic 'A lighthouse in a storm' --technique "
+        "slow-motion --locale fr",
+    )
+    _add_prompt_flags(prompt)
+    prompt.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
+    prompt.add_argument("--image-url", action="append", default=[], metavar="URL")
+    prompt.add_argument(
+        "--json", action="store_true", help="print one JSON document at the end instead"
+    )
+    _add_client_flags(prompt)
+    prompt.set_defaults(handler=_prompt)
+
+    video = commands.add_parser(
+        "video",
+        help="topic to finished video, through the Prefect flow",
+        description="Run the topic-to-video Prefect flow: prompt, submit, watch, download. "
+        "Uses PREFECT_API_URL if set, else Prefect's embedded server.",
+        epilog="Example:\n  sora2 video --topic 'A red fox at dawn' --output-dir videos",
+    )
+    _add_prompt_flags(video)
+    _add_video_flags(video, duration_flag=False)
+    _add_timing_flags(video)
+    video.add_argument("--output-dir", default="videos", help="where to save the video")
+    video.set_defaults(handler=_video)
+
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run the local NanoPhoto simulator: no key, no credits",
+        description="Start the NanoPhoto simulator, then point sora2 at it with the two "
+        "variables it prints. Ctrl-C stops it.",
+        epilog="Example:\n  sora2 sandbox --time-scale 0.01\n"
+        "  NANOPHOTO_BASE_URL=http://127.0.0.1:8765 NANOPHOTO_API_KEY=sim-key \\\n"
+        "    sora2 submit --prompt 'A fox' --follow --initial-status-delay 1.2 "
+        "--status-check-interval 0.2",
+    )
+    sandbox.add_argument("--port", type=int, default=8765)
+    sandbox.add_argument("--time-scale", type=float, default=0.01)
+    sandbox.add_argument("--key", default="sim-key=1000", help="KEY=CREDITS")
+    sandbox.add_argument(
+        "--fault", action="append", default=[], help="NAME=PROBABILITY, e.g. gateway_error=0.1"
+    )
+    sandbox.set_defaults(handler=_sandbox)
+    return parser
+
+
+# --- validation: everything before anything is sent --------------------------------
+
+
+def _validated(build: Callable[[], T]) -> T:
+    """Build a model; a validation error becomes a UsageError naming the flag."""
+    try:
+        return build()
+    except ValidationError as error:
+        detail = error.errors()[0]
+        field = str(detail["loc"][0]) if detail["loc"] else ""
+        flag = FLAGS.get(field, field)
+        message = detail["msg"].removeprefix("Value error, ")
+        raise UsageError(f"{flag}: {message}") from None
+
+
+def _settings(args: argparse.Namespace) -> NanoPhotoSettings:
+    timeout = args.timeout
+    return _validated(
+        lambda: NanoPhotoSettings(
+            read_timeout=timeout, connect_timeout=min(timeout, 10.0), write_timeout=timeout
+        )
+    )
+
+
+def _schedule(args: argparse.Namespace) -> WatchSchedule:
+    return _validated(
+        lambda: WatchSchedule(
+            initial_delay=args.initial_status_delay,
+            interval=args.status_check_interval,
+            max_wait=args.max_wait,
+        )
+    )
+
+
+def _video_request(args: argparse.Namespace, prompt: str) -> VideoRequest:
+    return _validated(
+        lambda: VideoRequest(
+            prompt=prompt,
+            mode=args.mode,
+            model_tier=args.model_tier,
+            aspect_ratio=args.aspect_ratio,
+            video_duration=int(args.video_duration),
+            image_urls=args.image_url,
+        )
+    )
+
+
+def _prompt_request(args: argparse.Namespace) -> PromptRequest:
+    return _validated(
+        lambda: PromptRequest(
+            topic=args.topic,
+            technique=args.technique,
+            duration=int(args.duration),
+            locale=args.locale,
+            mode=args.mode,
+            image_urls=args.image_url,
+            model=args.model,
+        )
+    )
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def _submit(args: argparse.Namespace, out: Output) -> int:
+    request = _video_request(args, args.prompt)
+    schedule = _schedule(args)
+    settings = _settings(args)
+    return asyncio.run(_submit_async(args, out, request, schedule, settings))
+
+
+async def _submit_async(
+    args: argparse.Namespace,
+    out: Output,
+    request: VideoRequest,
+    schedule: WatchSchedule,
+    settings: NanoPhotoSettings,
+) -> int:
+    async with NanoPhotoClient(args.api_key, settings=settings) as client:
+        try:
+            submitted = await client.submit(request)
+        except NanoPhotoError as error:
+            out.note(f"submit failed: {error}")
+            return EXIT_FAILED
+        submitted_at = time.monotonic()
+        out.document("submitted", submitted.raw)
+        if not args.follow:
+            return EXIT_OK
+        return await follow(client, submitted, schedule, out, submitted_at=submitted_at)
+
+
+async def follow(
+    client: NanoPhotoClient,
+    submitted: VideoStatus,
+    schedule: WatchSchedule,
+    out: Output,
+    *,
+    submitted_at: float,
+) -> int:
+    """Watch ``submitted`` to its end; a transient error never abandons it."""
+    task_id = submitted.task_id
+    state = {"status": submitted.status}
+
+    async def check(task_id: str) -> VideoStatus:
+        status = await client.check_status(task_id)
+        state["status"] = status.status
+        out.document("progress", status.raw)
+        return status
+
+    def transient(error: NanoPhotoError) -> None:
+        out.note(f"check failed ({error.code}); still watching {task_id}")
+
+    async def sleep(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            out.progress(state["status"], time.monotonic() - submitted_at, left)
+            await asyncio.sleep(min(1.0, left))
+
+    final = submitted
+    try:
+        if submitted.is_running:
+            final = await watch_video(
+                task_id,
+                check,
+                schedule,
+                submitted_at=submitted_at,
+                sleep=sleep,
+                on_transient_error=transient,
+            )
+    except NanoPhotoError as error:
+        out.note(str(error))
+        return EXIT_FAILED
+    if final.is_failed:
+        out.note(f"video {task_id} failed: [{final.error_code}] {final.error or ''}".rstrip())
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, out: Output) -> int:
+    settings = _settings(args)
+
+    async def run() -> int:
+        async with NanoPhotoClient(args.api_key, settings=settings) as client:
+            try:
+                status = await client.check_status(args.task_id)
+            except NanoPhotoError as error:
+                out.note(f"status check failed: {error}")
+                return EXIT_FAILED
+        out.document("status", status.raw)
+        return EXIT_FAILED if status.is_failed else EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _prompt(args: argparse.Namespace, out: Output) -> int:
+    request = _prompt_request(args)
+    settings = _settings(args)
+
+    async def run() -> int:
+        written = [""]
+
+        def show(text: str) -> None:
+            if not args.json:
+                out.stdout.write(text)
+                out.stdout.flush()
+                written[0] = text
+
+        def discard(error: NanoPhotoError, characters: int) -> None:
+            out.note(f"the stream broke after {characters} characters ({error.code}); again:")
+
+        async with NanoPhotoClient(args.api_key, settings=settings) as client:
+            try:
+                prompt = await client.generate_prompt(request, on_text=show, on_discard=discard)
+            except NanoPhotoError as error:
+                out.note(f"prompt failed: {error}")
+                return EXIT_FAILED
+        if args.json:
+            out.document("prompt", {"prompt": prompt.text, "streams": prompt.streams_charged})
+        elif not written[0].endswith("\n"):
+            out.stdout.write("\n")  # end on a line break, once
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _video(args: argparse.Namespace, out: Output) -> int:
+    prompt_request = _prompt_request(args)
+    schedule = _schedule(args)
+    _validated(  # the video options too, before the prompt is paid for
+        lambda: VideoRequest(
+            prompt="-",
+            mode=args.mode,
+            model_tier=args.model_tier,
+            aspect_ratio=args.aspect_ratio,
+            video_duration=int(args.duration),
+            image_urls=args.image_url,
+        )
+    )
+    from flows.video import topic_to_video  # Prefect only for this command
+
+    async def run_flow() -> Any:
+        return await topic_to_video(
+            topic=prompt_request.topic,
+            technique=prompt_request.technique,
+            duration=prompt_request.duration,
+            locale=prompt_request.locale,
+            mode=prompt_request.mode,
+            image_urls=list(prompt_request.image_urls),
+            model_tier=ModelTier(args.model_tier),
+            aspect_ratio=AspectRatio(args.aspect_ratio),
+            prompt_model=prompt_request.model,
+            schedule=schedule,
+            output_dir=args.output_dir,
+            return_state=True,
+        )
+
+    state = asyncio.run(run_flow())
+    if not state.is_completed():
+        out.note(f"the flow run ended {state.name}: {state.message}")
+        return EXIT_FAILED
+    result = state.result()
+    out.document("video", result.model_dump(mode="json"))
+    return EXIT_OK
+
+
+def _sandbox(args: argparse.Namespace, out: Output) -> int:
+    from nanophoto.simulator.__main__ import main as simulator_main
+
+    key = args.key.partition("=")[0]
+    out.note(
+        f"point sora2 at it: export NANOPHOTO_BASE_URL=http://127.0.0.1:{args.port} "
+        f"NANOPHOTO_API_KEY={key}  (time scale {args.time_scale:g}: scale the timing "
+        "flags too, e.g. --initial-status-delay 1.2 --status-check-interval 0.2)"
+    )
+    argv = ["--port", str(args.port), "--time-scale", str(args.time_scale), "--key", args.key]
+    for fault in args.fault:
+        argv += ["--fault", fault]
+    try:
+        return simulator_main(argv)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """Run one ``sora2`` command; returns its exit code."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: 2 for bad arguments, 0 for --help
+        return int(exit_.code or 0)
+    out = Output(getattr(args, "json_only", False), stdout, stderr)
+    handler: Callable[[argparse.Namespace, Output], int] = args.handler
+    try:
+        return handler(args, out)
+    except UsageError as error:
+        print(f"sora2 {args.command}: error: {error}", file=stderr)
+        return EXIT_USAGE
+    except NanoPhotoError as error:  # e.g. no key anywhere: nothing was sent
+        out.note(str(error))
+        return EXIT_FAILED
+
+
+def entry_point() -> NoReturn:
+    """The console script."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`sora2 prompt ... | head`): stop quietly, as the
+        # Python docs advise, without a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_FAILED
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -25,6 +25,7 @@ from nanophoto.errors import NanoPhotoError, RateLimitError, WaitTimeoutError
 from nanophoto.models import VideoStatus
 
 CheckStatus = Callable[[str], Awaitable[VideoStatus]]
+_MAX_RATE_LIMIT_WAIT = 600.0
 
 
 class WatchSchedule(BaseModel):
@@ -35,24 +36,28 @@ class WatchSchedule(BaseModel):
     initial_delay: float = Field(
         INITIAL_STATUS_DELAY_S,
         ge=0,
+        allow_inf_nan=False,
         description="Seconds to wait after submit before the first status check "
         "(NanoPhoto advises 120: no video is ready sooner).",
     )
     interval: float = Field(
         STATUS_CHECK_INTERVAL_S,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds between status checks. Each check counts against "
         "the key's 100 requests an hour.",
     )
     max_wait: float = Field(
         MAX_WAIT_S,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds after submit to stop watching. The video may still "
         "finish later; it can be resumed by its task id.",
     )
     expected_generation: float = Field(
         EXPECTED_GENERATION_S,
         gt=0,
+        allow_inf_nan=False,
         description="How long a video usually takes, in seconds; it only draws the progress bar.",
     )
 
@@ -108,7 +113,8 @@ async def watch_video(
     start = clock() if submitted_at is None else submitted_at
     last: VideoStatus | None = None
     index = 0
-    not_before = 0.0  # seconds after submit; a 429's Retry-After pushes it out
+    not_before = 0.0  # seconds after submit; a 429 pushes it out
+    limited = 0  # 429s in a row
     while True:
         await sleep(max(0.0, schedule.check_time(index) - (clock() - start)))
         try:
@@ -118,9 +124,14 @@ async def watch_video(
                 raise
             if on_transient_error is not None:
                 on_transient_error(error)
-            if isinstance(error, RateLimitError) and error.retry_after:
-                not_before = clock() - start + error.retry_after
+            if isinstance(error, RateLimitError):
+                # The budget is per hour: back off, doubling with each 429 in a
+                # row, unless the server said how long to wait.
+                limited += 1
+                wait = error.retry_after or schedule.interval * 2 ** (limited - 1)
+                not_before = clock() - start + min(wait, _MAX_RATE_LIMIT_WAIT)
         else:
+            limited = 0
             if not last.is_running:
                 return last
         if schedule.is_last(index):

@@ -6,7 +6,8 @@ JSON documents (``{"stage": ..., "response": ...}``, or the raw responses with
 arguments. Unlike it, every argument is checked before any credit is spent,
 and ``--follow`` rides out a 429, a gateway error or a dropped connection by
 backing off and watching the same task, instead of leaving a paid job
-unwatched. ``prompt`` streams a prompt, ``video`` runs the whole Prefect flow,
+unwatched. ``status --follow`` and ``resume`` pick up a task submitted earlier,
+``prompt`` streams a prompt, ``video`` runs the whole Prefect flow,
 ``sandbox`` starts the simulator.
 
 ``submit``, ``status`` and ``prompt`` never import Prefect: they answer at once.
@@ -18,10 +19,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import IO, Any, Final, NoReturn, TypeVar
 
 from pydantic import ValidationError
@@ -46,7 +50,7 @@ from nanophoto.contract import (
     Technique,
 )
 from nanophoto.errors import NanoPhotoError
-from nanophoto.models import PromptRequest, VideoRequest, VideoStatus
+from nanophoto.models import PromptRequest, VideoRequest, VideoStatus, video_filename
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import WatchSchedule, watch_video
 
@@ -96,17 +100,29 @@ class Output:
         self.stderr = stderr
         self.live = stderr.isatty()
         self._line = False
+        self.task_id: str | None = None  # the task this command is about, once known
+        self.submitting = False  # a submit is in flight: its outcome is not known yet
 
     def document(self, stage: str, response: dict[str, Any]) -> None:
-        """One JSON document: the raw response, or ``{"stage", "response"}``."""
+        """One JSON document: the raw response, or ``{"stage", "response"}``.
+
+        ASCII-escaped, as Python's json does by default, so no control
+        character can reach a terminal or a parser through it.
+        """
         self._clear()
         body = response if self.json_only else {"stage": stage, "response": response}
-        print(json.dumps(body, ensure_ascii=False), file=self.stdout, flush=True)
+        try:
+            print(json.dumps(body), file=self.stdout, flush=True)
+        except (BrokenPipeError, ValueError):  # the reader left, or stdout is closed
+            self.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the command)
+            self.note("stdout is closed; carrying on (the task id is on this line)")
 
     def note(self, message: str) -> None:
-        """A line for the person watching, on stderr."""
+        """A line for the person watching, on stderr, with control characters escaped."""
         self._clear()
-        print(f"sora2: {message}", file=self.stderr, flush=True)
+        if self.task_id and self.task_id not in message:
+            message = f"{message} [task {self.task_id}]"
+        print(f"sora2: {_printable(message)}", file=self.stderr, flush=True)
 
     def progress(self, status: str, elapsed: float, next_check: float) -> None:
         """Redraw the live line (terminal only)."""
@@ -122,6 +138,22 @@ class Output:
             self.stderr.write("\r\x1b[K")
             self.stderr.flush()
             self._line = False
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character shown as an escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _NoteHandler(logging.Handler):
+    """Sends the client's retry warnings through ``Output.note``."""
+
+    def __init__(self, out: Output) -> None:
+        super().__init__(logging.INFO)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.note(record.getMessage())
 
 
 def _clock(seconds: float) -> str:
@@ -146,7 +178,7 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
         help="NanoPhoto API key (default: NANOPHOTO_API_KEY, then ~/.openclaw/openclaw.json)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=60.0, help="HTTP timeout in seconds (default: 60)"
+        "--timeout", type=_seconds, default=60.0, help="HTTP timeout in seconds (default: 60)"
     )
 
 
@@ -176,22 +208,32 @@ def _add_video_flags(parser: argparse.ArgumentParser, *, duration_flag: bool) ->
     )
 
 
-def _add_timing_flags(parser: argparse.ArgumentParser) -> None:
+def _seconds(text: str) -> float:
+    """A finite number of seconds (argparse type)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, not {text!r}")
+    return value
+
+
+def _add_timing_flags(
+    parser: argparse.ArgumentParser, initial_delay: float = INITIAL_STATUS_DELAY_S
+) -> None:
     parser.add_argument(
         "--initial-status-delay",
-        type=float,
-        default=INITIAL_STATUS_DELAY_S,
-        help="seconds before the first status check (default: 120)",
+        type=_seconds,
+        default=initial_delay,
+        help=f"seconds before the first status check (default: {initial_delay:g})",
     )
     parser.add_argument(
         "--status-check-interval",
-        type=float,
+        type=_seconds,
         default=STATUS_CHECK_INTERVAL_S,
         help="seconds between status checks (default: 20)",
     )
     parser.add_argument(
         "--max-wait",
-        type=float,
+        type=_seconds,
         default=MAX_WAIT_S,
         help="seconds after submit to stop watching (default: 1200)",
     )
@@ -242,14 +284,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser(
         "status",
-        help="check a video task once",
-        description="Ask NanoPhoto how a video task is doing. Exit 1 if it failed.",
-        epilog="Example:\n  sora2 status --task-id task_abc123",
+        help="check a video task (and --follow it to the end)",
+        description="Ask NanoPhoto how a video task is doing. Exit 1 if it failed. With "
+        "--follow, keep checking it (from now: first check at once) until it ends.",
+        epilog="Example:\n  sora2 status --task-id task_abc123\n"
+        "  sora2 status --task-id task_abc123 --follow",
     )
     status.add_argument("--task-id", required=True)
-    status.add_argument("--json-only", action="store_true", help="print the raw response only")
+    status.add_argument("--json-only", action="store_true", help="print raw responses only")
+    status.add_argument("--follow", action="store_true", help="watch the task until it ends")
+    _add_timing_flags(status, initial_delay=0.0)
     _add_client_flags(status)
     status.set_defaults(handler=_status)
+
+    resume = commands.add_parser(
+        "resume",
+        help="finish a submitted task: watch it, download it, report it",
+        description="Finish a video that was already submitted (a run that timed out or "
+        "crashed, or a job started elsewhere): watch it from now, save the MP4, print the "
+        "result. Submits nothing, so costs nothing.",
+        epilog="Example:\n  sora2 resume --task-id task_abc123 --output-dir videos",
+    )
+    resume.add_argument("--task-id", required=True)
+    resume.add_argument("--output-dir", default="videos", help="where to save the video")
+    resume.add_argument("--json-only", action="store_true", help="print raw responses only")
+    _add_timing_flags(resume, initial_delay=0.0)
+    _add_client_flags(resume)
+    resume.set_defaults(handler=_resume)
 
     prompt = commands.add_parser(
         "prompt",
@@ -380,15 +441,23 @@ async def _submit_async(
     settings: NanoPhotoSettings,
 ) -> int:
     async with NanoPhotoClient(args.api_key, settings=settings) as client:
+        out.submitting = True
         try:
             submitted = await client.submit(request)
         except NanoPhotoError as error:
+            out.submitting = False
             out.note(f"submit failed: {error}")
             return EXIT_FAILED
+        out.submitting = False
+        out.task_id = submitted.task_id
         submitted_at = time.monotonic()
         out.document("submitted", submitted.raw)
+        out.note(
+            f"submitted {submitted.task_id} ({request.cost} credits); "
+            f"check it with: sora2 status --task-id {submitted.task_id}"
+        )
         if not args.follow:
-            return EXIT_OK
+            return EXIT_FAILED if submitted.is_failed else EXIT_OK
         return await follow(client, submitted, schedule, out, submitted_at=submitted_at)
 
 
@@ -400,7 +469,23 @@ async def follow(
     *,
     submitted_at: float,
 ) -> int:
-    """Watch ``submitted`` to its end; a transient error never abandons it."""
+    """Watch ``submitted`` to its end; exit 0 only if the video completed."""
+    final = await watch_to_end(client, submitted, schedule, out, submitted_at)
+    return EXIT_OK if final is not None and final.is_completed else EXIT_FAILED
+
+
+async def watch_to_end(
+    client: NanoPhotoClient,
+    submitted: VideoStatus,
+    schedule: WatchSchedule,
+    out: Output,
+    submitted_at: float,
+) -> VideoStatus | None:
+    """Check on ``schedule`` until final; a transient error never abandons the task.
+
+    Returns the final status, or None when watching ended without one (after
+    telling the person why and how to pick it up again).
+    """
     task_id = submitted.task_id
     state = {"status": submitted.status}
 
@@ -431,26 +516,76 @@ async def follow(
                 on_transient_error=transient,
             )
     except NanoPhotoError as error:
-        out.note(str(error))
-        return EXIT_FAILED
+        out.note(f"{error} (watch it again with: sora2 status --task-id {task_id} --follow)")
+        return None
     if final.is_failed:
         out.note(f"video {task_id} failed: [{final.error_code}] {final.error or ''}".rstrip())
-        return EXIT_FAILED
-    return EXIT_OK
+    return final
+
+
+def _task_id(args: argparse.Namespace) -> str:
+    task_id: str = args.task_id.strip()
+    if not task_id:
+        raise UsageError("--task-id: must be a NanoPhoto task id, not empty")
+    return task_id
 
 
 def _status(args: argparse.Namespace, out: Output) -> int:
+    task_id = _task_id(args)
     settings = _settings(args)
+    schedule = _schedule(args)
+    out.task_id = task_id
 
     async def run() -> int:
         async with NanoPhotoClient(args.api_key, settings=settings) as client:
+            if args.follow:
+                pending = VideoStatus(task_id=task_id, status="processing")
+                return await follow(client, pending, schedule, out, submitted_at=time.monotonic())
             try:
-                status = await client.check_status(args.task_id)
+                status = await client.check_status(task_id)
             except NanoPhotoError as error:
                 out.note(f"status check failed: {error}")
                 return EXIT_FAILED
         out.document("status", status.raw)
         return EXIT_FAILED if status.is_failed else EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _resume(args: argparse.Namespace, out: Output) -> int:
+    task_id = _task_id(args)
+    try:
+        filename = video_filename(task_id)  # it names the file: refuse "../x" before anything
+    except ValueError as error:
+        raise UsageError(f"--task-id: {error}") from None
+    settings = _settings(args)
+    schedule = _schedule(args)
+    out.task_id = task_id
+
+    async def run() -> int:
+        async with NanoPhotoClient(args.api_key, settings=settings) as client:
+            pending = VideoStatus(task_id=task_id, status="processing")
+            final = await watch_to_end(client, pending, schedule, out, time.monotonic())
+            if final is None or not final.is_completed or final.video_url is None:
+                return EXIT_FAILED
+            try:
+                video = await client.download(final.video_url, Path(args.output_dir) / filename)
+            except NanoPhotoError as error:
+                out.note(f"download failed: {error}")
+                return EXIT_FAILED
+        out.document(
+            "video",
+            {
+                "taskId": task_id,
+                "videoUrl": final.video_url,
+                "videoPath": str(video.path),
+                "size": video.size,
+                "sha256": video.sha256,
+                "generationTime": final.generation_time,
+                "creditsUsed": final.credits_used,
+            },
+        )
+        return EXIT_OK
 
     return asyncio.run(run())
 
@@ -461,14 +596,19 @@ def _prompt(args: argparse.Namespace, out: Output) -> int:
 
     async def run() -> int:
         written = [""]
+        # Streamed to a terminal; to a file or pipe only once whole, so a
+        # restarted stream never leaves half a prompt in it.
+        live = out.stdout.isatty() and not args.json
 
         def show(text: str) -> None:
-            if not args.json:
+            if live:
                 out.stdout.write(text)
                 out.stdout.flush()
                 written[0] = text
 
         def discard(error: NanoPhotoError, characters: int) -> None:
+            if live:
+                out.stdout.write("\n")
             out.note(f"the stream broke after {characters} characters ({error.code}); again:")
 
         async with NanoPhotoClient(args.api_key, settings=settings) as client:
@@ -479,6 +619,8 @@ def _prompt(args: argparse.Namespace, out: Output) -> int:
                 return EXIT_FAILED
         if args.json:
             out.document("prompt", {"prompt": prompt.text, "streams": prompt.streams_charged})
+        elif not live:
+            out.stdout.write(prompt.text + "\n")
         elif not written[0].endswith("\n"):
             out.stdout.write("\n")  # end on a line break, once
         return EXIT_OK
@@ -542,6 +684,9 @@ def _sandbox(args: argparse.Namespace, out: Output) -> int:
         return simulator_main(argv)
     except KeyboardInterrupt:
         return EXIT_OK
+    except OSError as error:  # e.g. the port is taken
+        out.note(f"the sandbox could not start: {error}")
+        return EXIT_FAILED
 
 
 def main(
@@ -551,8 +696,8 @@ def main(
     stderr: IO[str] | None = None,
 ) -> int:
     """Run one ``sora2`` command; returns its exit code."""
-    stdout = stdout or sys.stdout
-    stderr = stderr or sys.stderr
+    stdout = stdout or sys.stdout or open(os.devnull, "w")  # noqa: SIM115 (closed stdout)
+    stderr = stderr or sys.stderr or open(os.devnull, "w")  # noqa: SIM115
     parser = build_parser()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -561,6 +706,10 @@ def main(
         return int(exit_.code or 0)
     out = Output(getattr(args, "json_only", False), stdout, stderr)
     handler: Callable[[argparse.Namespace, Output], int] = args.handler
+    retries = _NoteHandler(out)
+    client_logger = logging.getLogger("nanophoto")
+    client_logger.addHandler(retries)
+    client_logger.propagate = False
     try:
         return handler(args, out)
     except UsageError as error:
@@ -569,6 +718,21 @@ def main(
     except NanoPhotoError as error:  # e.g. no key anywhere: nothing was sent
         out.note(str(error))
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        if out.submitting:
+            out.note(
+                "interrupted during the submit: it may have reached NanoPhoto. Check your "
+                "account before submitting again, to avoid paying twice."
+            )
+        elif out.task_id:
+            out.note(
+                f"interrupted; {out.task_id} keeps running at NanoPhoto. Pick it up with: "
+                f"sora2 resume --task-id {out.task_id}"
+            )
+        return 130
+    finally:
+        client_logger.removeHandler(retries)
+        client_logger.propagate = True
 
 
 def entry_point() -> NoReturn:

@@ -255,6 +255,10 @@ BAD_ARGUMENTS = [
     (["prompt", "--topic", "fox", "--technique", "dolly"], "--technique"),
     (["prompt", "--topic", "fox", "--locale", "it"], "--locale"),
     (["status"], "--task-id"),
+    (["status", "--task-id", "  "], "--task-id"),
+    (["submit", "--prompt", "A fox", "--follow", "--max-wait", "inf"], "--max-wait"),
+    (["submit", "--prompt", "A fox", "--initial-status-delay", "nan"], "--initial-status-delay"),
+    (["resume", "--task-id", "../etc"], "--task-id"),
 ]
 
 
@@ -298,7 +302,7 @@ def test_prompt_streams_the_text(api: Simulator) -> None:
     assert documents[0]["response"]["prompt"].startswith("Un phare")
 
 
-@pytest.mark.parametrize("command", ["submit", "status", "prompt", "video", "sandbox"])
+@pytest.mark.parametrize("command", ["submit", "status", "resume", "prompt", "video", "sandbox"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     out = io.StringIO()
     code = main([command, "--help"], stdout=out, stderr=io.StringIO())

@@ -136,6 +136,21 @@ async def test_a_429_with_retry_after_skips_the_slots_it_asks_us_to_skip() -> No
     assert video.checks == [120, 180]  # not 140 or 160: the server asked for 50 s
 
 
+async def test_429s_without_retry_after_back_off_doubling() -> None:
+    video = FakeVideo(ready_at=10_000)
+    for check in (1, 2, 3):
+        video.errors[check] = RateLimitError("over the limit")
+    with pytest.raises(WaitTimeoutError):
+        await video.watch(WatchSchedule(max_wait=400))
+    # 429 at 120 -> wait 20; 429 at 140 -> wait 40; 429 at 180 -> wait 80; then every 20.
+    assert video.checks[:5] == [120, 140, 180, 260, 280]
+
+
+def test_schedule_refuses_infinite_values() -> None:
+    with pytest.raises(ValueError, match="max_wait"):
+        WatchSchedule(max_wait=float("inf"))
+
+
 def test_schedule_scales_every_duration() -> None:
     scaled = WatchSchedule().scaled(0.01)
     assert (scaled.initial_delay, scaled.interval, scaled.max_wait) == pytest.approx(

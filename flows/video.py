@@ -7,6 +7,7 @@ validated before the first call, so bad input costs nothing.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -27,7 +28,7 @@ from nanophoto.contract import (
     ModelTier,
     Technique,
 )
-from nanophoto.errors import GenerationFailedError, NanoPhotoError
+from nanophoto.errors import GenerationFailedError, NanoPhotoError, SubmitOutcomeUnknownError
 from nanophoto.models import (
     ImageUrls,
     ModelName,
@@ -43,6 +44,12 @@ from nanophoto.models import (
 )
 from nanophoto.watch import WatchSchedule, watch_video
 from tasks.observe import WaitProgress, emit_video_event, publish_prompt, publish_video
+from tasks.submissions import (
+    IdempotencyKey,
+    SubmissionStore,
+    request_fingerprint,
+    resolve_idempotency_key,
+)
 from tasks.video import check_video_status, download_video, generate_prompt, submit_video
 
 
@@ -77,6 +84,7 @@ async def topic_to_video(
     prompt_model: ModelName = DEFAULT_PROMPT_MODEL,
     schedule: WatchSchedule = WatchSchedule(),
     output_dir: str = "videos",
+    idempotency_key: IdempotencyKey | None = None,
 ) -> VideoResult:
     """Turn a topic into a finished Sora 2 video: prompt, submit, wait, download.
 
@@ -96,6 +104,9 @@ async def topic_to_video(
             stop watching, in seconds after submit.
         output_dir: Folder on the worker to save the video in, named by its task
             id; empty to skip the download.
+        idempotency_key: Runs with the same key make one video, paid once: a
+            rerun resumes the video already submitted instead of paying again.
+            Empty: this flow run's id (so a retry of this run resumes it).
 
     Returns:
         The task id, video URL and file, credits used and stage timings.
@@ -116,12 +127,17 @@ async def topic_to_video(
         aspect_ratio=aspect_ratio,
         video_duration=duration,
     )
+    key = resolve_idempotency_key(idempotency_key)
+    resumed = await resume_submitted(key, options, schedule, output_dir)
+    if resumed is not None:
+        return resumed
     started = time.monotonic()
     prompt = await generate_prompt(prompt_request)
     request = options.with_prompt(prompt.text)
     await publish_prompt(request, topic=prompt_request.topic)
     return await make_video(
         request,
+        key,
         schedule,
         output_dir,
         prompt_seconds=time.monotonic() - started,
@@ -139,6 +155,7 @@ async def prompt_to_video(
     video_duration: Duration = DEFAULT_DURATION,
     schedule: WatchSchedule = WatchSchedule(),
     output_dir: str = "videos",
+    idempotency_key: IdempotencyKey | None = None,
 ) -> VideoResult:
     """Turn a ready prompt into a finished Sora 2 video: submit, wait, download.
 
@@ -154,6 +171,9 @@ async def prompt_to_video(
             stop watching, in seconds after submit.
         output_dir: Folder on the worker to save the video in, named by its task
             id; empty to skip the download.
+        idempotency_key: Runs with the same key make one video, paid once: a
+            rerun resumes the video already submitted instead of paying again.
+            Empty: this flow run's id (so a retry of this run resumes it).
 
     Returns:
         The task id, video URL and file, credits used and stage timings.
@@ -166,8 +186,12 @@ async def prompt_to_video(
         aspect_ratio=aspect_ratio,
         video_duration=video_duration,
     )
+    key = resolve_idempotency_key(idempotency_key)
+    resumed = await resume_submitted(key, request, schedule, output_dir)
+    if resumed is not None:
+        return resumed
     await publish_prompt(request)
-    return await make_video(request, schedule, output_dir)
+    return await make_video(request, key, schedule, output_dir)
 
 
 @flow(name="resume-video", flow_run_name=_resume_run_name)
@@ -199,8 +223,49 @@ async def resume_video(
     )
 
 
+async def resume_submitted(
+    key: str, options: VideoOptions, schedule: WatchSchedule, output_dir: str
+) -> VideoResult | None:
+    """Finish the video this idempotency key already paid for, if there is one.
+
+    Returns None when nothing was submitted under ``key`` (or the submit was
+    refused for sure), so the caller submits. Raises
+    ``SubmitOutcomeUnknownError`` when an earlier submit may have started.
+    """
+    record = await (await SubmissionStore.default()).read(key)
+    if record is None or record.state == "refused":
+        return None
+    if record.request_sha256 != request_fingerprint(options):
+        raise ValueError(
+            f"idempotency_key: {key!r} was already used for a video with other options "
+            "(tier, duration, aspect, mode or images); use a new key for a new video"
+        )
+    if record.state == "sending" or record.task_id is None:
+        raise SubmitOutcomeUnknownError(
+            f"an earlier submit with idempotency key {key!r} may have reached NanoPhoto "
+            "and its outcome is unknown; it is not sent again, to avoid paying twice. "
+            "Check your NanoPhoto account: resume the video by its task id "
+            "(resume-video, sora2 resume), or run again with a new idempotency key."
+        )
+    get_run_logger().info(
+        "idempotency key %s already submitted video %s: resuming it, not paying again",
+        key,
+        record.task_id,
+    )
+    elapsed = (datetime.now(UTC) - record.updated_at).total_seconds()
+    return await finish_video(
+        VideoStatus(task_id=record.task_id, status="processing"),
+        schedule,
+        output_dir,
+        submitted_at=time.monotonic() - max(0.0, elapsed),
+        prompt=record.prompt,
+        expected_cost=record.cost,
+    )
+
+
 async def make_video(
     request: VideoRequest,
+    key: str,
     schedule: WatchSchedule,
     output_dir: str,
     *,
@@ -209,7 +274,7 @@ async def make_video(
 ) -> VideoResult:
     """Submit once, then finish the video: the part both submitting flows share."""
     started = time.monotonic()
-    submitted = await submit_video(request)
+    submitted = await submit_video(request, key)
     submitted_at = time.monotonic()
     emit_video_event(
         "submitted",

@@ -33,6 +33,7 @@ from nanophoto.models import (
     video_filename,
 )
 from tasks.credentials import open_client
+from tasks.submissions import SubmissionStore
 
 
 class _LineLogger:
@@ -77,18 +78,31 @@ async def generate_prompt(request: PromptRequest) -> GeneratedPrompt:
 
 
 @task(name="submit-video", cache_policy=NO_CACHE)
-async def submit_video(request: VideoRequest) -> VideoStatus:
+async def submit_video(request: VideoRequest, idempotency_key: str) -> VideoStatus:
     """Start a paid video generation and return its task (never sent twice).
+
+    The submission record is written before the request (``sending``) and the
+    moment it returns (``submitted``), here in the task, so that the window in
+    which a crash leaves the outcome unknown is as small as it can be.
 
     Args:
         request: The prompt and rendering options.
+        idempotency_key: The key whose record this submit writes.
 
     Returns:
         The task's first status; ``task_id`` is what to watch.
     """
     logger = get_run_logger()
-    async with open_client() as client:
-        status = await client.submit(request)
+    store = await SubmissionStore.default()
+    await store.write(idempotency_key, "sending", request)
+    try:
+        async with open_client() as client:
+            status = await client.submit(request)
+    except NanoPhotoError as error:
+        if not error.may_have_started:  # refused for sure: nothing was charged
+            await store.write(idempotency_key, "refused", request)
+        raise
+    await store.write(idempotency_key, "submitted", request, task_id=status.task_id)
     logger.info(
         "submitted %s (%s, %s s, %s): %s credits",
         status.task_id,

@@ -25,6 +25,7 @@ class VideoTask:
     generation_seconds: float
     ready_at: float
     will_fail: bool
+    prompt_head: str = ""
     final_status: str | None = None
     reported_at: float | None = None
     status_checks: int = 0
@@ -47,6 +48,7 @@ class VideoTask:
             "duration": self.duration,
             "aspect_ratio": self.aspect_ratio,
             "cost": self.cost,
+            "prompt_head": self.prompt_head,
             "status": self.final_status or "processing",
             "generation_seconds": round(self.generation_seconds, 3),
             "submitted_at": simulated(self.submitted_at),

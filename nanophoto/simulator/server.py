@@ -456,6 +456,7 @@ class Simulator:
             generation_seconds=generation,
             ready_at=now + self.config.real(generation),
             will_fail=will_fail,
+            prompt_head=prompt.strip()[:80],
         )
         self.ledger.tasks[task.task_id] = task
         return _json(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from nanophoto.simulator import DEFAULT_KEY, Simulator
@@ -12,9 +13,17 @@ from tests.conftest import MakeSimulator
 
 
 @pytest.fixture(autouse=True, scope="session")
-def prefect_server() -> Iterator[None]:
-    """A temporary Prefect server and SQLite database, started once."""
-    with prefect_test_harness(server_startup_timeout=120):
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A temporary Prefect server and SQLite database, started once.
+
+    Result storage (where submission records live) is private to the session
+    too: never the machine's ~/.prefect/storage.
+    """
+    storage = tmp_path_factory.mktemp("result-storage")
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}),
+    ):
         yield
 
 

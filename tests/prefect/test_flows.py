@@ -131,7 +131,9 @@ async def test_a_video_not_done_by_max_wait_fails_the_run_with_wait_timeout(
     message = await _exception_text(state)
     assert "WAIT_TIMEOUT" in message
     assert sim.snapshot()["tasks"][0]["task_id"] in message
-    assert sim.snapshot()["requests"][DEFAULT_KEY]["check-status"] == 5  # 120..200
+    # At most the 5 slots 120..200 (fewer if a slow check made the watch skip
+    # one; the exact rhythm is proven on a fake clock in tests/unit/test_watch.py).
+    assert 1 <= sim.snapshot()["requests"][DEFAULT_KEY]["check-status"] <= 5
 
 
 async def test_transient_errors_while_watching_do_not_fail_the_run(

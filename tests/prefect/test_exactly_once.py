@@ -1,0 +1,106 @@
+"""One idempotency key, one paid video: reruns resume, unknown outcomes stop."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flows.video import prompt_to_video, topic_to_video
+from nanophoto.simulator import DEFAULT_KEY, Simulator
+from nanophoto.watch import WatchSchedule
+from tasks.submissions import SubmissionStore
+from tests.conftest import MakeSimulator
+from tests.prefect.conftest import use_simulator
+from tests.prefect.test_flows import _exception_text
+
+FAST = WatchSchedule().scaled(0.01)
+# Unique per test session, so no record from an earlier session can interfere.
+KEYS = {n: f"fox-{n}-{uuid.uuid4().hex[:8]}" for n in range(1, 6)}
+
+
+async def test_a_rerun_with_the_same_key_resumes_and_pays_once(
+    api: Simulator, tmp_path: Path
+) -> None:
+    first = await topic_to_video(
+        topic="A fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[1]
+    )
+    again = await topic_to_video(
+        topic="A fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[1]
+    )
+    assert again.task_id == first.task_id
+    assert again.prompt == first.prompt
+    ledger = api.snapshot()
+    assert ledger["submits"] == 1
+    assert ledger["requests"][DEFAULT_KEY]["generate-prompt"] == 1  # no second prompt
+    record = await (await SubmissionStore.default()).read(KEYS[1])
+    assert record is not None
+    assert (record.state, record.task_id) == ("submitted", first.task_id)
+
+
+async def test_an_interrupted_watch_resumes_the_same_task(
+    make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run that stops after its submit: the rerun with its key finishes that task."""
+    api = make_simulator(generation_seconds=(300, 300))  # 3 s here
+    use_simulator(api, monkeypatch)
+    short = WatchSchedule(initial_delay=1.2, interval=0.2, max_wait=1.5)
+    state = await prompt_to_video(
+        prompt="a fox",
+        schedule=short,
+        output_dir="",
+        idempotency_key=KEYS[2],
+        return_state=True,
+    )
+    assert "WAIT_TIMEOUT" in await _exception_text(state)  # the first run gives up
+    result = await prompt_to_video(
+        prompt="a fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[2]
+    )
+    ledger = api.snapshot()
+    assert ledger["submits"] == 1
+    assert result.task_id == ledger["tasks"][0]["task_id"]
+    assert Path(str(result.video_path)).is_file()
+
+
+async def test_an_unknown_outcome_is_never_resubmitted_under_its_key(api: Simulator) -> None:
+    api.queue_fault("generate", "dropped_connection_after")
+    first = await prompt_to_video(
+        prompt="a fox", schedule=FAST, idempotency_key=KEYS[3], return_state=True
+    )
+    assert "SUBMIT_OUTCOME_UNKNOWN" in await _exception_text(first)
+    second = await prompt_to_video(
+        prompt="a fox", schedule=FAST, idempotency_key=KEYS[3], return_state=True
+    )
+    message = await _exception_text(second)
+    assert "SUBMIT_OUTCOME_UNKNOWN" in message
+    assert KEYS[3] in message
+    assert api.snapshot()["requests"][DEFAULT_KEY]["generate"] == 1
+
+
+async def test_a_submit_refused_for_sure_may_be_sent_again(api: Simulator, tmp_path: Path) -> None:
+    api.queue_fault("generate", *["rate_limited"] * 4)  # more than the client's retries
+    first = await prompt_to_video(
+        prompt="a fox", schedule=FAST, idempotency_key=KEYS[4], return_state=True
+    )
+    assert "API_KEY_RATE_LIMIT_EXCEEDED" in await _exception_text(first)
+    result = await prompt_to_video(
+        prompt="a fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[4]
+    )
+    assert api.snapshot()["submits"] == 1
+    assert Path(str(result.video_path)).is_file()
+
+
+async def test_a_key_reused_for_another_video_is_refused(api: Simulator) -> None:
+    await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="", idempotency_key=KEYS[5])
+    state = await prompt_to_video(
+        prompt="a fox", schedule=FAST, video_duration=15, idempotency_key=KEYS[5], return_state=True
+    )
+    assert "idempotency_key" in await _exception_text(state)
+    assert api.snapshot()["submits"] == 1
+
+
+async def test_without_a_key_each_run_is_its_own_video(api: Simulator) -> None:
+    await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="")
+    await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="")
+    assert api.snapshot()["submits"] == 2

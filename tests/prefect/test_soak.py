@@ -1,0 +1,149 @@
+"""Fault soak: 100 videos through the flow against a faulty simulator.
+
+Faults on every endpoint: 5xx and gateway pages (12%), dropped connections
+(7%), 429s (3%), cut prompt streams (5%) and failed generations (10%). Half
+of the gateway pages and drops strike after the server did the work, so some
+submits start and are charged while their answer is lost.
+
+What must hold, read from the simulator's ledger:
+- no video is ever submitted twice, and every video whose run knew its task
+  was submitted exactly once;
+- every submitted task ends in a final state;
+- credits charged minus refunds equal the cost of the completed videos (plus
+  the prompts that were delivered or lost, which NanoPhoto keeps);
+- every run ends Completed, or Failed with one of our errors and its code:
+  no unhandled exception anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect import State
+
+from flows.video import topic_to_video
+from nanophoto.contract import PROMPT_COST
+from nanophoto.errors import NanoPhotoError
+from nanophoto.simulator import DEFAULT_KEY, Faults
+from nanophoto.watch import WatchSchedule
+from tests.conftest import MakeSimulator
+from tests.prefect.conftest import use_simulator
+
+VIDEOS = 100
+CONCURRENCY = 10  # the test harness's SQLite server answers 503 to 25 at once
+FAULTS = Faults(
+    internal_error=0.06,
+    gateway_error=0.06,
+    dropped_connection=0.07,
+    rate_limited=0.03,
+    truncated_stream=0.05,
+    generation_failed=0.10,
+    after_processing=0.5,
+)
+EXPECTED_FAILURES = {"GENERATION_FAILED", "SUBMIT_OUTCOME_UNKNOWN"}
+
+
+@pytest.mark.timeout(600)
+async def test_a_hundred_videos_under_faults_are_paid_once_and_accounted_for(
+    make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert FAULTS.internal_error + FAULTS.gateway_error >= 0.10
+    assert FAULTS.dropped_connection >= 0.05
+    sim = make_simulator(
+        generation_seconds=(120, 240), faults=FAULTS, rate_limit=100_000, keys={DEFAULT_KEY: 10**6}
+    )
+    use_simulator(sim, monkeypatch)
+    schedule = WatchSchedule().scaled(0.01)
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(index: int) -> State[Any]:
+        async with gate:
+            state = await topic_to_video(
+                topic=f"soak video {index:03d}: a fox crossing snow",
+                schedule=schedule,
+                output_dir=str(tmp_path),
+                return_state=True,
+            )
+            assert isinstance(state, State)
+            return state
+
+    started = time.monotonic()
+    states = await asyncio.gather(*(one(i) for i in range(VIDEOS)))
+    print(f"\nsoak: {VIDEOS} videos in {time.monotonic() - started:.1f} s")
+
+    # Every run ends Completed, or Failed with one of our errors and its code.
+    outcomes: dict[str, int] = {}
+    completed: dict[int, Any] = {}
+    failed_codes: dict[int, str] = {}
+    for index, state in enumerate(states):
+        if state.is_completed():
+            completed[index] = await state.aresult()
+            outcomes["completed"] = outcomes.get("completed", 0) + 1
+            continue
+        assert state.is_failed(), f"video {index}: {state.type} {state.message}"
+        try:
+            await state.aresult()
+        except NanoPhotoError as error:
+            failed_codes[index] = error.code
+            outcomes[error.code] = outcomes.get(error.code, 0) + 1
+        except Exception as error:  # an unhandled exception: the soak fails
+            pytest.fail(f"video {index} failed with {type(error).__name__}: {error}")
+    print(f"soak outcomes: {outcomes}")
+    assert set(failed_codes.values()) <= EXPECTED_FAILURES | {
+        "INTERNAL_ERROR",
+        "GATEWAY_ERROR",
+        "CONNECTION_DROPPED",
+    }
+    assert len(completed) >= VIDEOS // 2
+
+    # Let every submitted task reach its final state at the simulator.
+    deadline = time.monotonic() + 30
+    while any(t["status"] == "processing" for t in sim.snapshot()["tasks"]):
+        assert time.monotonic() < deadline, "tasks still processing 30 s after the soak"
+        await asyncio.sleep(0.2)
+    ledger = sim.snapshot()
+    print(f"soak ledger: {ledger['total_requests']} requests, faults {ledger['faults']}")
+
+    # No video submitted twice; every video that knew its task, submitted once.
+    by_video: dict[int, list[dict[str, Any]]] = {}
+    for task in ledger["tasks"]:
+        index = int(task["prompt_head"].split(":")[0].removeprefix("soak video "))
+        by_video.setdefault(index, []).append(task)
+    assert all(len(tasks) == 1 for tasks in by_video.values()), "a video was submitted twice"
+    for index, result in completed.items():
+        assert [t["task_id"] for t in by_video[index]] == [result.task_id]
+        assert by_video[index][0]["status"] == "completed"
+        assert (tmp_path / f"{result.task_id}.mp4").stat().st_size == result.video_size
+    for index, code in failed_codes.items():
+        if code == "GENERATION_FAILED":
+            assert by_video[index][0]["status"] == "failed"
+
+    # Every submitted task ended in a final state.
+    assert {t["status"] for t in ledger["tasks"]} <= {"completed", "failed"}
+
+    # Charged minus refunded = the completed videos, plus the prompts NanoPhoto kept.
+    credits = ledger["credits"][DEFAULT_KEY]
+    prompts = ledger["prompts"]
+    kept_prompts = PROMPT_COST * (prompts.get("started", 0) - prompts.get("failed", 0))
+    completed_cost = sum(t["cost"] for t in ledger["tasks"] if t["status"] == "completed")
+    assert credits["charged"] - credits["refunded"] == completed_cost + kept_prompts
+    # ...and our own results account for every completed video we know of.
+    assert sum(r.video_credits for r in completed.values()) == sum(
+        by_video[i][0]["cost"] for i in completed
+    )
+
+    # The faults really were there, at about the rates asked for.
+    faults = ledger["faults"]
+    total = ledger["total_requests"]
+    server_errors = sum(
+        faults.get(k, 0) for k in ("internal_error", "gateway_error", "gateway_error_after")
+    )
+    drops = faults.get("dropped_connection", 0) + faults.get("dropped_connection_after", 0)
+    assert server_errors / total >= 0.08
+    assert drops / total >= 0.04
+    assert faults.get("rate_limited", 0) > 0
+    assert sum(1 for t in ledger["tasks"] if t["status"] == "failed") >= 3

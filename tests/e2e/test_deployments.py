@@ -171,6 +171,8 @@ def test_deployments_run_on_a_real_server_and_worker(
     prefect_server.stop_all()
     files = [path for path in prefect_server.home.rglob("*") if path.is_file()]
     assert any(path.name.startswith("prefect.db") for path in files)
+    # Result storage, where the submission records live, is part of the search.
+    assert any("sora2-submissions" in path.parts for path in files)
     for path in files:
         assert SECRET.encode() not in path.read_bytes(), f"the key is in {path}"
 

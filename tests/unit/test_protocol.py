@@ -433,3 +433,34 @@ async def test_an_empty_task_id_is_refused_before_any_request() -> None:
         with pytest.raises(ValueError, match="task_id"):
             await client.check_status(" ")
     assert recorder.requests == []
+
+
+HYGIENE_ANSWERS: list[httpx.Response | Exception] = [
+    *(error_answer(spec.http_status, code) for code, spec in ERROR_SPECS.items()),
+    gateway_page(524),
+    httpx.Response(200, content=b"{cut"),
+    httpx.RemoteProtocolError("Server disconnected"),
+    httpx.ReadTimeout("timed out"),
+    httpx.ConnectError("refused"),
+]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    HYGIENE_ANSWERS,
+    ids=lambda a: (getattr(a, "status_code", None) and str(a.status_code)) or type(a).__name__,
+)
+async def test_no_error_path_carries_the_key(answer: httpx.Response | Exception) -> None:
+    import traceback
+
+    for call in ("check", "submit"):
+        async with make_client(Recorder(answer)) as client:
+            try:
+                if call == "check":
+                    await client.check_status("t1")
+                else:
+                    await client.submit(VideoRequest(prompt="a fox"))
+            except NanoPhotoError as error:
+                texts = traceback.format_exception(error)  # the whole chain
+                texts += [repr(error), str(error.__dict__)]
+                assert not any(SECRET in text for text in texts), call

@@ -6,8 +6,10 @@ validated before the first call, so bad input costs nothing.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
-from datetime import UTC, datetime
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -46,8 +48,9 @@ from nanophoto.watch import WatchSchedule, watch_video
 from tasks.observe import WaitProgress, emit_video_event, publish_prompt, publish_video
 from tasks.submissions import (
     IdempotencyKey,
+    SubmissionRecord,
     SubmissionStore,
-    request_fingerprint,
+    fingerprint,
     resolve_idempotency_key,
 )
 from tasks.video import check_video_status, download_video, generate_prompt, submit_video
@@ -128,9 +131,11 @@ async def topic_to_video(
         video_duration=duration,
     )
     key = resolve_idempotency_key(idempotency_key)
-    resumed = await resume_submitted(key, options, schedule, output_dir)
-    if resumed is not None:
-        return resumed
+    source = prompt_request.model_dump(mode="json", exclude={"mode", "image_urls"})
+    print_ = fingerprint(options, {"topic": source})
+    earlier, attempt = await earlier_attempt(key, print_, schedule, output_dir)
+    if earlier is not None:
+        return earlier
     started = time.monotonic()
     prompt = await generate_prompt(prompt_request)
     request = options.with_prompt(prompt.text)
@@ -138,6 +143,8 @@ async def topic_to_video(
     return await make_video(
         request,
         key,
+        print_,
+        attempt,
         schedule,
         output_dir,
         prompt_seconds=time.monotonic() - started,
@@ -187,11 +194,12 @@ async def prompt_to_video(
         video_duration=video_duration,
     )
     key = resolve_idempotency_key(idempotency_key)
-    resumed = await resume_submitted(key, request, schedule, output_dir)
-    if resumed is not None:
-        return resumed
+    print_ = fingerprint(request, {"prompt": request.prompt})
+    earlier, attempt = await earlier_attempt(key, print_, schedule, output_dir)
+    if earlier is not None:
+        return earlier
     await publish_prompt(request)
-    return await make_video(request, key, schedule, output_dir)
+    return await make_video(request, key, print_, attempt, schedule, output_dir)
 
 
 @flow(name="resume-video", flow_run_name=_resume_run_name)
@@ -223,49 +231,70 @@ async def resume_video(
     )
 
 
-async def resume_submitted(
-    key: str, options: VideoOptions, schedule: WatchSchedule, output_dir: str
-) -> VideoResult | None:
-    """Finish the video this idempotency key already paid for, if there is one.
+async def earlier_attempt(
+    key: str, print_: str, schedule: WatchSchedule, output_dir: str
+) -> tuple[VideoResult | None, int]:
+    """What an earlier run with this idempotency key left behind.
 
-    Returns None when nothing was submitted under ``key`` (or the submit was
-    refused for sure), so the caller submits. Raises
-    ``SubmitOutcomeUnknownError`` when an earlier submit may have started.
+    Returns the finished video (returned, or resumed and finished here) and
+    the attempt number, or (None, attempt) when a submit is due: nothing was
+    submitted yet, it was refused for sure, or the last attempt's generation
+    failed (refunded), which entitles the key to one new paid attempt.
+    Raises ``SubmitOutcomeUnknownError`` when an earlier submit may have started.
     """
-    record = await (await SubmissionStore.default()).read(key)
-    if record is None or record.state == "refused":
-        return None
-    if record.request_sha256 != request_fingerprint(options):
+    store = await SubmissionStore.default()
+    record = await store.read(key)
+    if record is None:
+        return None, 1
+    if record.fingerprint != print_:
         raise ValueError(
-            f"idempotency_key: {key!r} was already used for a video with other options "
-            "(tier, duration, aspect, mode or images); use a new key for a new video"
+            f"idempotency_key: {key!r} was already used for another video (other prompt, "
+            "topic or options); use a new key for a new video"
         )
+    if record.state == "refused":
+        return None, record.attempts
+    if record.state == "failed":
+        return None, record.attempts + 1
     if record.state == "sending" or record.task_id is None:
         raise SubmitOutcomeUnknownError(
-            f"an earlier submit with idempotency key {key!r} may have reached NanoPhoto "
-            "and its outcome is unknown; it is not sent again, to avoid paying twice. "
-            "Check your NanoPhoto account: resume the video by its task id "
+            f"an earlier submit with idempotency key {key!r} (flow run {record.flow_run_id}) "
+            "may have reached NanoPhoto and its outcome is unknown: that run may still be "
+            "sending it, or stopped before it knew. It is not sent again, to avoid paying "
+            "twice. Check your NanoPhoto account: resume the video by its task id "
             "(resume-video, sora2 resume), or run again with a new idempotency key."
         )
-    get_run_logger().info(
+    logger = get_run_logger()
+    if record.state == "completed" and record.result is not None:
+        path = record.result.video_path
+        if not output_dir or (path and await asyncio.to_thread(os.path.isfile, path)):
+            logger.info("idempotency key %s already delivered video %s", key, record.task_id)
+            return record.result, record.attempts
+    logger.info(
         "idempotency key %s already submitted video %s: resuming it, not paying again",
         key,
         record.task_id,
     )
-    elapsed = (datetime.now(UTC) - record.updated_at).total_seconds()
-    return await finish_video(
-        VideoStatus(task_id=record.task_id, status="processing"),
-        schedule,
-        output_dir,
-        submitted_at=time.monotonic() - max(0.0, elapsed),
-        prompt=record.prompt,
-        expected_cost=record.cost,
+    # A fresh watch window from now: the first run's may be spent already.
+    return (
+        await finish_and_record(
+            store,
+            record,
+            VideoStatus(task_id=record.task_id, status="processing"),
+            schedule.model_copy(update={"initial_delay": 0.0}),
+            output_dir,
+            submitted_at=time.monotonic(),
+            prompt=record.prompt,
+            expected_cost=record.cost,
+        ),
+        record.attempts,
     )
 
 
 async def make_video(
     request: VideoRequest,
     key: str,
+    print_: str,
+    attempt: int,
     schedule: WatchSchedule,
     output_dir: str,
     *,
@@ -273,9 +302,13 @@ async def make_video(
     prompt_credits: int = 0,
 ) -> VideoResult:
     """Submit once, then finish the video: the part both submitting flows share."""
+    store = await SubmissionStore.default()
+    record = store.new(key, "sending", print_, prompt=request.prompt, cost=request.cost)
+    record = record.model_copy(update={"attempts": attempt})
     started = time.monotonic()
-    submitted = await submit_video(request, key)
+    submitted = await submit_video(record, request)
     submitted_at = time.monotonic()
+    record = record.model_copy(update={"state": "submitted", "task_id": submitted.task_id})
     emit_video_event(
         "submitted",
         submitted.task_id,
@@ -284,7 +317,9 @@ async def make_video(
         aspect_ratio=request.aspect_ratio.value,
         cost=request.cost,
     )
-    return await finish_video(
+    return await finish_and_record(
+        store,
+        record,
         submitted,
         schedule,
         output_dir,
@@ -294,6 +329,32 @@ async def make_video(
         timings=StageTimings(prompt=prompt_seconds, submit=submitted_at - started),
         prompt_credits=prompt_credits,
     )
+
+
+async def finish_and_record(
+    store: SubmissionStore,
+    record: SubmissionRecord,
+    submitted: VideoStatus,
+    schedule: WatchSchedule,
+    output_dir: str,
+    **details: Any,
+) -> VideoResult:
+    """``finish_video``, then record how the key's video ended (completed or failed)."""
+    try:
+        result = await finish_video(submitted, schedule, output_dir, **details)
+    except GenerationFailedError:
+        await _record(store, record.model_copy(update={"state": "failed"}))
+        raise
+    await _record(store, record.model_copy(update={"state": "completed", "result": result}))
+    return result
+
+
+async def _record(store: SubmissionStore, record: SubmissionRecord) -> None:
+    """Best-effort: the video's fate is decided; a rerun just resumes it if this fails."""
+    try:
+        await store.write(record)
+    except NanoPhotoError as error:
+        get_run_logger().warning("%s", error)
 
 
 async def finish_video(

@@ -33,7 +33,7 @@ from nanophoto.models import (
     video_filename,
 )
 from tasks.credentials import open_client
-from tasks.submissions import SubmissionStore
+from tasks.submissions import SubmissionRecord, SubmissionStore
 
 
 class _LineLogger:
@@ -78,7 +78,7 @@ async def generate_prompt(request: PromptRequest) -> GeneratedPrompt:
 
 
 @task(name="submit-video", cache_policy=NO_CACHE)
-async def submit_video(request: VideoRequest, idempotency_key: str) -> VideoStatus:
+async def submit_video(record: SubmissionRecord, request: VideoRequest) -> VideoStatus:
     """Start a paid video generation and return its task (never sent twice).
 
     The submission record is written before the request (``sending``) and the
@@ -86,23 +86,23 @@ async def submit_video(request: VideoRequest, idempotency_key: str) -> VideoStat
     which a crash leaves the outcome unknown is as small as it can be.
 
     Args:
+        record: The idempotency key's record for this attempt (no secrets).
         request: The prompt and rendering options.
-        idempotency_key: The key whose record this submit writes.
 
     Returns:
         The task's first status; ``task_id`` is what to watch.
     """
     logger = get_run_logger()
     store = await SubmissionStore.default()
-    await store.write(idempotency_key, "sending", request)
+    sending = await store.write(record.model_copy(update={"state": "sending"}))
     try:
         async with open_client() as client:
             status = await client.submit(request)
     except NanoPhotoError as error:
         if not error.may_have_started:  # refused for sure: nothing was charged
-            await store.write(idempotency_key, "refused", request)
+            await store.write(sending.model_copy(update={"state": "refused"}))
         raise
-    await store.write(idempotency_key, "submitted", request, task_id=status.task_id)
+    # Named in the log before anything else can fail, so a paid task is never lost.
     logger.info(
         "submitted %s (%s, %s s, %s): %s credits",
         status.task_id,
@@ -111,6 +111,7 @@ async def submit_video(request: VideoRequest, idempotency_key: str) -> VideoStat
         request.aspect_ratio.value,
         request.cost,
     )
+    await store.write(sending.model_copy(update={"state": "submitted", "task_id": status.task_id}))
     return status
 
 

@@ -17,7 +17,7 @@ from tests.prefect.test_flows import _exception_text
 
 FAST = WatchSchedule().scaled(0.01)
 # Unique per test session, so no record from an earlier session can interfere.
-KEYS = {n: f"fox-{n}-{uuid.uuid4().hex[:8]}" for n in range(1, 6)}
+KEYS = {n: f"fox-{n}-{uuid.uuid4().hex[:8]}" for n in range(1, 10)}
 
 
 async def test_a_rerun_with_the_same_key_resumes_and_pays_once(
@@ -26,6 +26,7 @@ async def test_a_rerun_with_the_same_key_resumes_and_pays_once(
     first = await topic_to_video(
         topic="A fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[1]
     )
+    first_requests = api.snapshot()["total_requests"]
     again = await topic_to_video(
         topic="A fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[1]
     )
@@ -34,9 +35,11 @@ async def test_a_rerun_with_the_same_key_resumes_and_pays_once(
     ledger = api.snapshot()
     assert ledger["submits"] == 1
     assert ledger["requests"][DEFAULT_KEY]["generate-prompt"] == 1  # no second prompt
+    # Already delivered and still on disk: returned as it was, no new request at all.
+    assert ledger["total_requests"] == first_requests
     record = await (await SubmissionStore.default()).read(KEYS[1])
     assert record is not None
-    assert (record.state, record.task_id) == ("submitted", first.task_id)
+    assert (record.state, record.task_id) == ("completed", first.task_id)
 
 
 async def test_an_interrupted_watch_resumes_the_same_task(
@@ -104,3 +107,59 @@ async def test_without_a_key_each_run_is_its_own_video(api: Simulator) -> None:
     await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="")
     await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="")
     assert api.snapshot()["submits"] == 2
+
+
+async def test_after_a_failed_generation_the_key_pays_for_one_new_attempt(
+    api: Simulator, tmp_path: Path
+) -> None:
+    api.queue_fault("generate", "generation_failed")
+    state = await prompt_to_video(
+        prompt="a fox",
+        schedule=FAST,
+        output_dir=str(tmp_path),
+        idempotency_key=KEYS[6],
+        return_state=True,
+    )
+    assert "GENERATION_FAILED" in await _exception_text(state)
+    result = await prompt_to_video(
+        prompt="a fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[6]
+    )
+    ledger = api.snapshot()
+    assert ledger["submits"] == 2  # the failed one (refunded) and the new attempt
+    assert [t["status"] for t in ledger["tasks"]] == ["failed", "completed"]
+    assert result.task_id == ledger["tasks"][1]["task_id"]
+    record = await (await SubmissionStore.default()).read(KEYS[6])
+    assert record is not None
+    assert (record.state, record.attempts) == ("completed", 2)
+    again = await prompt_to_video(
+        prompt="a fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[6]
+    )
+    assert again.task_id == result.task_id
+    assert api.snapshot()["submits"] == 2
+
+
+async def test_a_key_reused_for_another_prompt_is_refused(api: Simulator) -> None:
+    await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="", idempotency_key=KEYS[7])
+    state = await prompt_to_video(
+        prompt="a whale in space",
+        schedule=FAST,
+        output_dir="",
+        idempotency_key=KEYS[7],
+        return_state=True,
+    )
+    assert "idempotency_key" in await _exception_text(state)
+    assert api.snapshot()["submits"] == 1
+
+
+async def test_an_unreadable_record_stops_instead_of_paying_again(
+    api: Simulator, tmp_path: Path
+) -> None:
+    await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="", idempotency_key=KEYS[8])
+    store = await SubmissionStore.default()
+    path = store.storage._resolve_path(store._path(KEYS[8]))  # type: ignore[attr-defined]
+    path.write_bytes(b"")  # as a crash in the middle of a write would leave it
+    state = await prompt_to_video(
+        prompt="a fox", schedule=FAST, output_dir="", idempotency_key=KEYS[8], return_state=True
+    )
+    assert "SUBMISSION_STORAGE_ERROR" in await _exception_text(state)
+    assert api.snapshot()["submits"] == 1

@@ -65,3 +65,12 @@ def settings_for(simulator: Simulator, **overrides: Any) -> NanoPhotoSettings:
     }
     values.update(overrides)
     return NanoPhotoSettings(**values)
+
+
+def use_simulator(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the tasks' settings at ``simulator``, with short back-offs."""
+    monkeypatch.setenv("NANOPHOTO_BASE_URL", simulator.base_url)
+    monkeypatch.setenv("NANOPHOTO_API_KEY", DEFAULT_KEY)
+    monkeypatch.setenv("NANOPHOTO_RETRY_BASE_DELAY", "0.01")
+    monkeypatch.setenv("NANOPHOTO_RETRY_MAX_DELAY", "0.05")
+    monkeypatch.setenv("NANOPHOTO_RETRY_RATE_LIMIT_DELAY", "0.05")

@@ -8,8 +8,10 @@ import pytest
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from nanophoto.simulator import DEFAULT_KEY, Simulator
-from tests.conftest import MakeSimulator
+from nanophoto.simulator import Simulator
+from tests.conftest import MakeSimulator, use_simulator
+
+__all__ = ["use_simulator"]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,12 +35,3 @@ def api(make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch) -> Simul
     simulator = make_simulator()
     use_simulator(simulator, monkeypatch)
     return simulator
-
-
-def use_simulator(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point the tasks' settings at ``simulator``, with short back-offs."""
-    monkeypatch.setenv("NANOPHOTO_BASE_URL", simulator.base_url)
-    monkeypatch.setenv("NANOPHOTO_API_KEY", DEFAULT_KEY)
-    monkeypatch.setenv("NANOPHOTO_RETRY_BASE_DELAY", "0.01")
-    monkeypatch.setenv("NANOPHOTO_RETRY_MAX_DELAY", "0.05")
-    monkeypatch.setenv("NANOPHOTO_RETRY_RATE_LIMIT_DELAY", "0.05")

@@ -23,6 +23,8 @@ attempt. Paid tasks whose answer was lost are counted, not hidden.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -116,6 +118,9 @@ async def test_a_hundred_videos_under_faults_are_paid_once_and_accounted_for(
         await asyncio.sleep(0.2)
     ledger = sim.snapshot()
     print(f"soak ledger: {ledger['total_requests']} requests, faults {ledger['faults']}")
+    ledger_file = Path(os.environ.get("SORA2_SOAK_LEDGER", tmp_path / "soak-ledger.json"))
+    ledger_file.write_text(json.dumps(ledger, indent=1), encoding="utf-8")
+    print(f"soak ledger written to {ledger_file}")
 
     # No video submitted twice; every video that knew its task, submitted once.
     by_video: dict[int, list[dict[str, Any]]] = {}

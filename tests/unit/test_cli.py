@@ -17,7 +17,7 @@ from nanophoto.contract import Locale, Technique
 from nanophoto.simulator import DEFAULT_KEY, Simulator
 from nanophoto.simulator.prompts import write_prompt
 from sora2.cli import main
-from tests.conftest import MakeSimulator
+from tests.conftest import MakeSimulator, use_simulator
 from tests.e2e.conftest import free_port
 
 FAST = ["--initial-status-delay", "1.2", "--status-check-interval", "0.2", "--max-wait", "12"]
@@ -44,15 +44,8 @@ def sora2(*argv: str, stderr: io.StringIO | None = None) -> tuple[int, list[Any]
 def api(make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch) -> Simulator:
     """A simulator with 130 s videos (1.3 s here), reachable through the environment."""
     simulator = make_simulator(generation_seconds=(130, 130))
-    point_at(simulator, monkeypatch)
+    use_simulator(simulator, monkeypatch)
     return simulator
-
-
-def point_at(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NANOPHOTO_BASE_URL", simulator.base_url)
-    monkeypatch.setenv("NANOPHOTO_API_KEY", DEFAULT_KEY)
-    monkeypatch.setenv("NANOPHOTO_RETRY_BASE_DELAY", "0.01")
-    monkeypatch.setenv("NANOPHOTO_RETRY_RATE_LIMIT_DELAY", "0.05")
 
 
 # --- the published tool's documented invocations -------------------------------------
@@ -160,7 +153,7 @@ def test_a_bad_key_exits_1_with_the_error_code(api: Simulator) -> None:
 
 def test_no_credits_exits_1(make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
     sim = make_simulator(keys={DEFAULT_KEY: 3})
-    point_at(sim, monkeypatch)
+    use_simulator(sim, monkeypatch)
     code, _, stderr = sora2("submit", "--prompt", "A fox", "--follow", *FAST)
     assert code == 1
     assert "INSUFFICIENT_CREDITS" in stderr
@@ -191,7 +184,7 @@ def test_a_video_not_done_by_max_wait_exits_1_and_says_how_to_resume(
     make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sim = make_simulator(generation_seconds=(900, 900))
-    point_at(sim, monkeypatch)
+    use_simulator(sim, monkeypatch)
     code, documents, stderr = sora2(
         "submit",
         "--prompt",

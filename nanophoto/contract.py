@@ -16,7 +16,6 @@ DEFAULT_BASE_URL: Final = "https://nanophoto.ai"
 PROMPT_PATH: Final = "/api/sora-2/generate-prompt"
 SUBMIT_PATH: Final = "/api/sora-2/generate"
 STATUS_PATH: Final = "/api/sora-2/check-status"
-ENDPOINT_PATHS: Final = (PROMPT_PATH, SUBMIT_PATH, STATUS_PATH)
 
 
 class Mode(StrEnum):

@@ -262,11 +262,6 @@ class StageTimings(BaseModel):
     wait: float = 0.0
     download: float = 0.0
 
-    @property
-    def total(self) -> float:
-        """All stages together."""
-        return self.prompt + self.submit + self.wait + self.download
-
 
 class VideoResult(BaseModel):
     """A finished video: where it is, what it cost, how long each stage took."""

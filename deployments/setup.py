@@ -9,8 +9,11 @@ turned on stay on). It talks to the server your Prefect settings name
 2. the Prefect Variable ``sora2_project_dir``: where workers find this project;
 3. the ``nanophoto-credentials`` block type (and, with ``--store-key``, a block
    holding ``NANOPHOTO_API_KEY`` from the environment);
-4. the zombie-run automation from ``deployments/automations.yaml``;
-5. every deployment in ``prefect.yaml``, without prompting.
+4. the global concurrency limit ``nanophoto-api``: the key's requests per
+   hour, shared by every run and worker (``--rate-limit``, default
+   ``NANOPHOTO_RATE_LIMIT`` or 100);
+5. the zombie-run automation from ``deployments/automations.yaml``;
+6. every deployment in ``prefect.yaml``, without prompting.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from prefect.variables import Variable
 from prefect.workers.process import ProcessWorker
 from pydantic import SecretStr
 
+from nanophoto.settings import NanoPhotoSettings
 from tasks.credentials import DEFAULT_BLOCK_NAME, NanoPhotoCredentials, load_credentials
+from tasks.ratelimit import create_rate_limit
 
 PROJECT_DIR: Final = Path(__file__).resolve().parent.parent
 WORK_POOL: Final = "sora2-process"
@@ -162,6 +167,7 @@ async def prepare(args: argparse.Namespace) -> None:
     await ensure_work_pool()
     await ensure_project_variable()
     await ensure_credentials(args.store_key, args.block_name)
+    say(await create_rate_limit(args.rate_limit, reset=args.reset_rate_limit))
     await ensure_zombie_automation()
 
 
@@ -178,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
         help="save NANOPHOTO_API_KEY (and NANOPHOTO_BASE_URL, if set) in a block",
     )
     parser.add_argument("--block-name", default=DEFAULT_BLOCK_NAME)
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=NanoPhotoSettings().rate_limit,
+        help="requests per hour the key allows, shared by every run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reset-rate-limit",
+        action="store_true",
+        help="free every slot of the limit (after restarting a server that keeps leases "
+        "in memory; only when no run is using the key)",
+    )
     parser.add_argument("--no-deploy", action="store_true", help="prepare only")
     args = parser.parse_args(argv)
     say(f"Prefect server: {require_api_url()}")

@@ -7,7 +7,6 @@ validated before the first call, so bad input costs nothing.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -44,6 +43,7 @@ from nanophoto.models import (
     VideoResult,
     VideoStatus,
 )
+from nanophoto.storage import VideoStore
 from nanophoto.watch import WatchSchedule, watch_video
 from tasks.observe import WaitProgress, emit_video_event, publish_prompt, publish_video
 from tasks.submissions import (
@@ -105,8 +105,8 @@ async def topic_to_video(
         prompt_model: The model that writes the prompt.
         schedule: When to check the video: first check, interval, and when to
             stop watching, in seconds after submit.
-        output_dir: Folder on the worker to save the video in, named by its task
-            id; empty to skip the download.
+        output_dir: Folder on the worker, or an fsspec URL (s3://bucket/videos), to
+            save the video in, named by its task id; empty to skip the download.
         idempotency_key: Runs with the same key make one video, paid once: a
             rerun resumes the video already submitted instead of paying again.
             Empty: this flow run's id (so a retry of this run resumes it).
@@ -176,8 +176,8 @@ async def prompt_to_video(
         video_duration: Video length in seconds, 10 or 15.
         schedule: When to check the video: first check, interval, and when to
             stop watching, in seconds after submit.
-        output_dir: Folder on the worker to save the video in, named by its task
-            id; empty to skip the download.
+        output_dir: Folder on the worker, or an fsspec URL (s3://bucket/videos), to
+            save the video in, named by its task id; empty to skip the download.
         idempotency_key: Runs with the same key make one video, paid once: a
             rerun resumes the video already submitted instead of paying again.
             Empty: this flow run's id (so a retry of this run resumes it).
@@ -217,8 +217,8 @@ async def resume_video(
         task_id: The NanoPhoto task id of the submitted video.
         schedule: When to check, in seconds from now: first check (0: at once),
             interval, and when to stop watching.
-        output_dir: Folder on the worker to save the video in, named by its task
-            id; empty to skip the download.
+        output_dir: Folder on the worker, or an fsspec URL (s3://bucket/videos), to
+            save the video in, named by its task id; empty to skip the download.
 
     Returns:
         The task id, video URL and file, credits used and stage timings.
@@ -264,11 +264,10 @@ async def earlier_attempt(
             "(resume-video, sora2 resume), or run again with a new idempotency key."
         )
     logger = get_run_logger()
-    if record.state == "completed" and record.result is not None:
-        path = record.result.video_path
-        if not output_dir or (path and await asyncio.to_thread(os.path.isfile, path)):
-            logger.info("idempotency key %s already delivered video %s", key, record.task_id)
-            return record.result, record.attempts
+    delivered = record.state == "completed" and record.result is not None
+    if delivered and (not output_dir or await _saved(output_dir, record.task_id)):
+        logger.info("idempotency key %s already delivered video %s", key, record.task_id)
+        return record.result, record.attempts
     logger.info(
         "idempotency key %s already submitted video %s: resuming it, not paying again",
         key,
@@ -288,6 +287,11 @@ async def earlier_attempt(
         ),
         record.attempts,
     )
+
+
+async def _saved(output: str, task_id: str) -> bool:
+    """Whether ``output`` already holds the whole video of ``task_id``."""
+    return await asyncio.to_thread(VideoStore(output).existing, task_id) is not None
 
 
 async def make_video(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
@@ -38,8 +37,10 @@ from nanophoto.errors import (
     json_object,
 )
 from nanophoto.models import GeneratedPrompt, PromptRequest, VideoRequest, VideoStatus
+from nanophoto.ratelimit import Priority, RequestLimiter
 from nanophoto.retry import RetryPolicy
 from nanophoto.settings import NanoPhotoSettings, resolve_api_key
+from nanophoto.storage import VideoStore
 
 _logger = logging.getLogger("nanophoto")
 
@@ -62,9 +63,9 @@ class _BearerAuth(httpx.Auth):
 
 @dataclass(frozen=True)
 class DownloadedVideo:
-    """A video saved to disk, with what proves it is whole."""
+    """A video saved whole: where (a path or URL), its size and checksum."""
 
-    path: Path
+    path: str
     size: int
     sha256: str
 
@@ -89,8 +90,11 @@ class NanoPhotoClient:
         sleep: Sleep = asyncio.sleep,
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         extra_key_sources: tuple[tuple[str, SecretStr | None], ...] = (),
+        limiter: RequestLimiter | None = None,
     ) -> None:
         self.settings = settings or NanoPhotoSettings()
+        # Every attempt at an API endpoint takes a slot; None: no throttling.
+        self.limiter = limiter
         self._logger = logger or _logger
         key = resolve_api_key(api_key, settings=self.settings, extra_sources=extra_key_sources)
         base_url = httpx.URL(self.settings.base_url.rstrip("/"))
@@ -143,8 +147,11 @@ class NanoPhotoClient:
         """Yield the prompt's text as the server writes it (one attempt).
 
         A stream cannot be retried without repeating text, so this makes one
-        attempt; ``generate_prompt`` retries the whole stream.
+        attempt; ``generate_prompt`` retries the whole stream. It takes one
+        slot of the request budget.
         """
+        if self.limiter is not None:
+            await self.limiter.acquire(Priority.PROMPT)
         with _mapped_transport_errors():
             async with self._http.stream("POST", PROMPT_PATH, json=request.to_wire()) as response:
                 if response.status_code != 200 or "json" in response.headers.get(
@@ -219,7 +226,9 @@ class NanoPhotoClient:
                 raise GatewayError(f"submit answer without a task: {_first(error)}") from None
 
         try:
-            return await self._call("generate", attempt, retry_if=_surely_not_started)
+            return await self._call(
+                "generate", attempt, retry_if=_surely_not_started, priority=Priority.SUBMIT
+            )
         except NanoPhotoError as error:
             if error.may_have_started:
                 raise SubmitOutcomeUnknownError(
@@ -251,37 +260,51 @@ class NanoPhotoClient:
             except ValidationError as error:
                 raise GatewayError(f"malformed status answer: {_first(error)}") from None
 
-        return await self._call("check-status", attempt, retry_if=_transient_not_rate_limit)
+        return await self._call(
+            "check-status", attempt, retry_if=_transient_not_rate_limit, priority=Priority.CHECK
+        )
 
-    async def download(self, url: str, destination: Path) -> DownloadedVideo:
-        """Stream the video at ``url`` to ``destination``, atomically."""
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        partial = destination.with_name(f".{destination.name}.{os.getpid()}.part")
+    async def download(
+        self, url: str, destination: Path | str | VideoStore, task_id: str | None = None
+    ) -> DownloadedVideo:
+        """Stream the video at ``url`` into a store, whole or not at all.
+
+        ``destination`` is a file path (the CLI's way) or a ``VideoStore``
+        (a folder or fsspec URL), in which the file is named by ``task_id``.
+        """
+        if isinstance(destination, VideoStore):
+            if task_id is None:
+                raise ValueError("task_id: needed to name the file in a video store")
+            store, name = destination, task_id
+        else:
+            path = Path(destination)
+            store, name = VideoStore(str(path.parent)), path.name.removesuffix(".mp4")
 
         async def attempt() -> DownloadedVideo:
             digest, size = hashlib.sha256(), 0
-            with _mapped_transport_errors():
-                async with self._media.stream("GET", url) as response:
-                    if response.status_code in (403, 404, 410):
-                        raise VideoUnavailableError(
-                            f"the video host refused {url} (expired or unknown)",
-                            status=response.status_code,
-                        )
-                    if response.status_code != 200:
-                        body = await response.aread()
-                        raise error_from_response(response.status_code, body, response.headers)
-                    with partial.open("wb") as file:
+            partial, file = await asyncio.to_thread(store.open_partial, name)
+            try:
+                with file, _mapped_transport_errors():
+                    async with self._media.stream("GET", url) as response:
+                        if response.status_code in (403, 404, 410):
+                            raise VideoUnavailableError(
+                                f"the video host refused {url} (expired or unknown)",
+                                status=response.status_code,
+                            )
+                        if response.status_code != 200:
+                            body = await response.aread()
+                            raise error_from_response(response.status_code, body, response.headers)
                         async for chunk in response.aiter_bytes():
                             file.write(chunk)
                             digest.update(chunk)
                             size += len(chunk)
-            partial.replace(destination)
-            return DownloadedVideo(destination, size, digest.hexdigest())
+                saved = await asyncio.to_thread(store.publish, partial, name)
+            except BaseException:
+                await asyncio.to_thread(store.discard, partial)
+                raise
+            return DownloadedVideo(saved, size, digest.hexdigest())
 
-        try:
-            return await self._call("download", attempt, retry_if=_transient)
-        finally:
-            partial.unlink(missing_ok=True)
+        return await self._call("download", attempt, retry_if=_transient)
 
     # --- plumbing ----------------------------------------------------------------
 
@@ -311,10 +334,17 @@ class NanoPhotoClient:
         attempt: Callable[[], Awaitable[T]],
         *,
         retry_if: Callable[[NanoPhotoError], bool],
+        priority: Priority | None = None,
     ) -> T:
-        """Run ``attempt``, each within the call time limit, retrying what ``retry_if`` allows."""
+        """Run ``attempt``, each within the call time limit, retrying what ``retry_if`` allows.
+
+        An API call (``priority`` set) waits for a slot of the key's request
+        budget before each attempt: a retry is a request too.
+        """
         retry = 0
         while True:
+            if priority is not None and self.limiter is not None:
+                await self.limiter.acquire(priority)
             try:
                 try:
                     async with asyncio.timeout(self.settings.call_timeout):

@@ -110,6 +110,7 @@ INITIAL_STATUS_DELAY_S: Final = 120.0
 STATUS_CHECK_INTERVAL_S: Final = 20.0
 MAX_WAIT_S: Final = 1200.0
 # "Roughly 120-480 s depending on queue, tier and prompt": the middle, for progress bars.
+GENERATION_RANGE_S: Final = (120.0, 480.0)
 EXPECTED_GENERATION_S: Final = 300.0
 
 COMPLETED: Final = "completed"

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nanophoto.contract import DEFAULT_BASE_URL
+from nanophoto.contract import DEFAULT_BASE_URL, RATE_LIMIT_PER_HOUR
 from nanophoto.errors import ConfigurationError, MissingAPIKeyError
 
 VIDEO_SKILL: Final = "sora-2-generate"
@@ -50,6 +50,18 @@ class NanoPhotoSettings(BaseSettings):
     )
     call_timeout: float = Field(
         default=300.0, gt=0, description="Most seconds one attempt of a call may take."
+    )
+    rate_limit: int = Field(
+        default=RATE_LIMIT_PER_HOUR,
+        ge=1,
+        description="API requests the key allows per rate window (100 unless NanoPhoto "
+        "raised it); every process of ours stays under it.",
+    )
+    rate_window: float = Field(
+        default=3600.0,
+        gt=0,
+        description="The rate window in seconds (an hour; shorter only for a "
+        "time-compressed simulator).",
     )
     openclaw_file: Path = Field(
         default=OPENCLAW_FILE, description="The OpenClaw config holding skill keys."

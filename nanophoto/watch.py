@@ -25,6 +25,8 @@ from nanophoto.errors import NanoPhotoError, RateLimitError, WaitTimeoutError
 from nanophoto.models import VideoStatus
 
 CheckStatus = Callable[[str], Awaitable[VideoStatus]]
+# (check index, seconds since submit) -> seconds after submit of that check
+CheckPlan = Callable[[int, float], float]
 _MAX_RATE_LIMIT_WAIT = 600.0
 
 
@@ -102,8 +104,12 @@ async def watch_video(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     on_transient_error: Callable[[NanoPhotoError], None] | None = None,
+    plan: CheckPlan | None = None,
 ) -> VideoStatus:
     """Check ``task_id`` on ``schedule`` until it is completed or failed.
+
+    ``plan``, when given, chooses each check's time instead of the fixed
+    cadence (a batch's budget-aware planner); ``max_wait`` still ends the watch.
 
     A transient error (after the client's own retries) does not end the
     watch while time is left: the next scheduled check tries again. An error
@@ -116,7 +122,12 @@ async def watch_video(
     not_before = 0.0  # seconds after submit; a 429 pushes it out
     limited = 0  # 429s in a row
     while True:
-        await sleep(max(0.0, schedule.check_time(index) - (clock() - start)))
+        elapsed = clock() - start
+        if plan is None:
+            due = schedule.check_time(index)
+        else:
+            due = min(max(plan(index, elapsed), not_before), schedule.max_wait)
+        await sleep(max(0.0, due - elapsed))
         try:
             last = await check(task_id)
         except NanoPhotoError as error:
@@ -134,11 +145,15 @@ async def watch_video(
             limited = 0
             if not last.is_running:
                 return last
-        if schedule.is_last(index):
+        final = schedule.is_last(index) if plan is None else due >= schedule.max_wait
+        if final:
             seen = last.status if last is not None else "no answer"
             raise WaitTimeoutError(
                 f"video {task_id} was not finished after {schedule.max_wait:g} s "
                 f"(last status: {seen}). It may still finish: resume watching it "
                 f"by its task id instead of submitting again."
             )
-        index = schedule.next_index(index, max(clock() - start, not_before))
+        if plan is None:
+            index = schedule.next_index(index, max(clock() - start, not_before))
+        else:
+            index += 1

@@ -51,6 +51,7 @@ from nanophoto.contract import (
 )
 from nanophoto.errors import NanoPhotoError
 from nanophoto.models import PromptRequest, VideoRequest, VideoStatus, video_filename
+from nanophoto.ratelimit import RequestLimiter
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import WatchSchedule, watch_video
 
@@ -138,6 +139,19 @@ class Output:
             self.stderr.write("\r\x1b[K")
             self.stderr.flush()
             self._line = False
+
+
+def _client(args: argparse.Namespace, settings: NanoPhotoSettings) -> NanoPhotoClient:
+    """A client held to the key's request budget by an in-process limiter.
+
+    The command line has no Prefect server to share the budget through, so
+    each command keeps its own requests under the key's limit.
+    """
+    return NanoPhotoClient(
+        args.api_key,
+        settings=settings,
+        limiter=RequestLimiter(settings.rate_limit, settings.rate_window),
+    )
 
 
 def _printable(text: str) -> str:
@@ -440,7 +454,7 @@ async def _submit_async(
     schedule: WatchSchedule,
     settings: NanoPhotoSettings,
 ) -> int:
-    async with NanoPhotoClient(args.api_key, settings=settings) as client:
+    async with _client(args, settings) as client:
         out.submitting = True
         try:
             submitted = await client.submit(request)
@@ -537,7 +551,7 @@ def _status(args: argparse.Namespace, out: Output) -> int:
     out.task_id = task_id
 
     async def run() -> int:
-        async with NanoPhotoClient(args.api_key, settings=settings) as client:
+        async with _client(args, settings) as client:
             if args.follow:
                 pending = VideoStatus(task_id=task_id, status="processing")
                 return await follow(client, pending, schedule, out, submitted_at=time.monotonic())
@@ -563,7 +577,7 @@ def _resume(args: argparse.Namespace, out: Output) -> int:
     out.task_id = task_id
 
     async def run() -> int:
-        async with NanoPhotoClient(args.api_key, settings=settings) as client:
+        async with _client(args, settings) as client:
             pending = VideoStatus(task_id=task_id, status="processing")
             final = await watch_to_end(client, pending, schedule, out, time.monotonic())
             if final is None or not final.is_completed or final.video_url is None:
@@ -611,7 +625,7 @@ def _prompt(args: argparse.Namespace, out: Output) -> int:
                 out.stdout.write("\n")
             out.note(f"the stream broke after {characters} characters ({error.code}); again:")
 
-        async with NanoPhotoClient(args.api_key, settings=settings) as client:
+        async with _client(args, settings) as client:
             try:
                 prompt = await client.generate_prompt(request, on_text=show, on_discard=discard)
             except NanoPhotoError as error:

@@ -53,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     with SimulatorThread(config) as simulator:
         os.environ["NANOPHOTO_BASE_URL"] = simulator.base_url
         os.environ["NANOPHOTO_API_KEY"] = DEMO_KEY
+        # The key's hourly budget, compressed like the simulator's hour.
+        os.environ["NANOPHOTO_RATE_WINDOW"] = str(config.real(config.rate_window_seconds))
         print(
             f"NanoPhoto simulator at {simulator.base_url} "
             f"(time scale {args.time_scale:g}, {DEMO_CREDITS} demo credits)",
             flush=True,
         )
         from flows.video import topic_to_video
+        from tasks.ratelimit import create_rate_limit
+
+        # The embedded server keeps leases in memory: slots of an earlier demo are free.
+        print(asyncio.run(create_rate_limit(config.rate_limit, reset=True)), flush=True)
 
         result = asyncio.run(
             topic_to_video(

@@ -20,6 +20,7 @@ from pydantic import Field, SecretStr, ValidationError
 
 from nanophoto.client import NanoPhotoClient
 from nanophoto.settings import NanoPhotoSettings
+from tasks.ratelimit import shared_limiter
 
 DEFAULT_BLOCK_NAME: Final = "nanophoto"
 BLOCK_NAME_VARIABLE: Final = "SORA2_CREDENTIALS_BLOCK"
@@ -88,7 +89,7 @@ async def _credentials_for_this_run() -> NanoPhotoCredentials | None:
 
 @asynccontextmanager
 async def open_client() -> AsyncIterator[NanoPhotoClient]:
-    """A client whose key is resolved here, inside the task.
+    """A client whose key is resolved here, inside the task, held to the shared budget.
 
     The block is loaded only when the environment has no key, so a worker
     configured by environment makes no extra API call per task.
@@ -104,6 +105,9 @@ async def open_client() -> AsyncIterator[NanoPhotoClient]:
         else:
             extra = ((f"the Prefect block nanophoto-credentials/{block_name()} (absent)", None),)
     async with NanoPhotoClient(
-        settings=settings, logger=get_run_logger(), extra_key_sources=extra
+        settings=settings,
+        logger=get_run_logger(),
+        extra_key_sources=extra,
+        limiter=shared_limiter(settings),
     ) as client:
         yield client

@@ -18,20 +18,15 @@ top, which would multiply the attempts and cannot honour ``Retry-After``):
 
 from __future__ import annotations
 
-from pathlib import Path
+import asyncio
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from nanophoto.client import DownloadedVideo
 from nanophoto.errors import NanoPhotoError
-from nanophoto.models import (
-    GeneratedPrompt,
-    PromptRequest,
-    VideoRequest,
-    VideoStatus,
-    video_filename,
-)
+from nanophoto.models import GeneratedPrompt, PromptRequest, VideoRequest, VideoStatus
+from nanophoto.storage import VideoStore
 from tasks.credentials import open_client
 from tasks.submissions import SubmissionRecord, SubmissionStore
 
@@ -133,17 +128,23 @@ async def check_video_status(task_id: str) -> VideoStatus:
 
 @task(name="download-video", cache_policy=NO_CACHE)
 async def download_video(task_id: str, video_url: str, output_dir: str) -> DownloadedVideo:
-    """Save a finished video to ``output_dir/<task_id>.mp4`` before its URL expires.
+    """Save a finished video as ``<task_id>.mp4`` before its URL expires; once only.
 
     Args:
         task_id: The NanoPhoto task id; it names the file.
         video_url: Where NanoPhoto serves the finished video.
-        output_dir: The folder to save it in.
+        output_dir: A folder on the worker, or an fsspec URL (``s3://bucket/videos``).
 
     Returns:
-        The saved file's path, size and SHA-256.
+        The saved file's path or URL, size and SHA-256.
     """
+    logger = get_run_logger()
+    store = VideoStore(output_dir)
+    kept = await asyncio.to_thread(store.existing, task_id)
+    if kept is not None:  # only whole files ever get the final name
+        logger.info("already saved %s (%d bytes): not downloaded again", kept.path, kept.size)
+        return DownloadedVideo(kept.path, kept.size, kept.sha256)
     async with open_client() as client:
-        video = await client.download(video_url, Path(output_dir) / video_filename(task_id))
-    get_run_logger().info("saved %s (%d bytes, sha256 %s)", video.path, video.size, video.sha256)
+        video = await client.download(video_url, store, task_id)
+    logger.info("saved %s (%d bytes, sha256 %s)", video.path, video.size, video.sha256)
     return video

@@ -71,6 +71,10 @@ def use_simulator(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None
     """Point the tasks' settings at ``simulator``, with short back-offs."""
     monkeypatch.setenv("NANOPHOTO_BASE_URL", simulator.base_url)
     monkeypatch.setenv("NANOPHOTO_API_KEY", DEFAULT_KEY)
+    # Our limiter keeps to the simulator's own limit and (compressed) hour.
+    config = simulator.config
+    monkeypatch.setenv("NANOPHOTO_RATE_LIMIT", str(config.rate_limit))
+    monkeypatch.setenv("NANOPHOTO_RATE_WINDOW", str(config.real(config.rate_window_seconds)))
     monkeypatch.setenv("NANOPHOTO_RETRY_BASE_DELAY", "0.01")
     monkeypatch.setenv("NANOPHOTO_RETRY_MAX_DELAY", "0.05")
     monkeypatch.setenv("NANOPHOTO_RETRY_RATE_LIMIT_DELAY", "0.05")

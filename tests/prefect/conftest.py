@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from typing import Final
 
 import pytest
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from nanophoto.simulator import Simulator
+from tasks.ratelimit import create_rate_limit
 from tests.conftest import MakeSimulator, use_simulator
 
 __all__ = ["use_simulator"]
+
+SESSION_RATE_LIMIT: Final = 100_000
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,6 +31,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         prefect_test_harness(server_startup_timeout=120),
         temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}),
     ):
+        # The shared budget, as setup creates it; roomy, so each simulator's own limit binds.
+        asyncio.run(create_rate_limit(SESSION_RATE_LIMIT))
         yield
 
 

@@ -41,8 +41,8 @@ async def test_prompt_submit_check_download(make_simulator: MakeSimulator, tmp_p
         assert status.is_completed
         assert status.video_url is not None
         video = await client.download(status.video_url, tmp_path / "v.mp4")
-    assert video.path.read_bytes()[4:8] == b"ftyp"
-    assert video.size == video.path.stat().st_size
+    assert Path(video.path).read_bytes()[4:8] == b"ftyp"
+    assert video.size == Path(video.path).stat().st_size
     ledger = sim.snapshot()
     assert ledger["submits"] == 1
     assert ledger["credits"][DEFAULT_KEY]["charged"] == 6

@@ -300,7 +300,7 @@ async def test_downloads_follow_redirects_and_stop_on_an_expired_url(tmp_path: P
 
     async with make_client(handler) as client:
         video = await client.download("https://video.test/old.mp4", tmp_path / "a.mp4")
-        assert video.path.read_bytes() == b"video-bytes"
+        assert Path(video.path).read_bytes() == b"video-bytes"
         with pytest.raises(VideoUnavailableError):
             await client.download("https://video.test/gone.mp4", tmp_path / "b.mp4")
     assert not (tmp_path / "b.mp4").exists()

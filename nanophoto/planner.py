@@ -1,0 +1,186 @@
+"""Budget-aware watching: when to check each video of a batch.
+
+Every status check spends one request of the key's hourly budget (100 by
+default). A video needs at least three (prompt, submit, one check that finds
+it done), so the most a key can make is about 33 videos an hour, and only
+if almost no check is wasted on a video that is still running.
+
+The strategy, decided again before every check:
+
+* **Budget not binding**: the checks the 120 s / 20 s schedule would make
+  for the videos in flight, plus those the batch's next videos would need,
+  fit in one window's budget. Then every video gets that familiar rhythm:
+  nothing is gained by waiting longer.
+* **Budget binding**: a check that finds a video still running is a request
+  another video needed. Each video is checked once, when the generation
+  times observed so far for its tier and duration say it is almost surely
+  done (their 98th percentile, plus a second). If it is not done yet, the
+  next check goes where the times still possible put the same percentile,
+  or one interval on, doubling while no observed time reaches that far.
+  Submits go before checks (the limiter's priority): a submit starts a
+  generation that runs while we wait, a check only learns sooner what is
+  already under way. Seeing a video late costs nothing but latency; the
+  batch keeps enough videos in flight that the budget, not the wait, sets
+  the pace.
+
+Observed times are the API's own ``generationTime``, not when we happened to
+notice completion (that would feed our own waiting back into the estimate).
+Until a tier and duration has a few, the contract's 120-480 s stands in.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from nanophoto.contract import GENERATION_RANGE_S
+from nanophoto.watch import WatchSchedule
+
+BINDING_QUANTILE: Final = 0.98
+_PRIOR_POINTS: Final = 13
+_MIN_SAMPLES: Final = 5
+_MAX_SAMPLES: Final = 500
+
+
+class GenerationTimes:
+    """Generation times seen per (tier, duration), in the API's seconds."""
+
+    def __init__(self, prior: tuple[float, float] = GENERATION_RANGE_S) -> None:
+        low, high = prior
+        step = (high - low) / (_PRIOR_POINTS - 1)
+        self._prior = [low + i * step for i in range(_PRIOR_POINTS)]
+        self._seen: dict[tuple[str, int], deque[float]] = defaultdict(
+            lambda: deque(maxlen=_MAX_SAMPLES)
+        )
+
+    def observe(self, tier: str, duration: int, seconds: float) -> None:
+        """Record one finished video's generation time."""
+        if seconds > 0 and math.isfinite(seconds):
+            self._seen[(str(tier), int(duration))].append(float(seconds))
+
+    def samples(self, tier: str, duration: int) -> list[float]:
+        """Sorted times to predict from: this kind's, else every kind's, else the prior."""
+        own = self._seen.get((str(tier), int(duration)))
+        if own is not None and len(own) >= _MIN_SAMPLES:
+            return sorted(own)
+        pooled = [t for times in self._seen.values() for t in times]
+        if len(pooled) >= _MIN_SAMPLES:
+            return sorted(pooled)
+        return list(self._prior)
+
+    def quantile(self, tier: str, duration: int, q: float, above: float = 0.0) -> float | None:
+        """The ``q`` quantile of the times longer than ``above``; None if none is."""
+        times = self.samples(tier, duration)
+        rest = times[bisect.bisect_right(times, above) :]
+        if not rest:
+            return None
+        return rest[min(len(rest) - 1, math.ceil(q * len(rest)) - 1)]
+
+    def mean(self, tier: str, duration: int, above: float = 0.0) -> float:
+        """Expected time, given that it is longer than ``above``."""
+        times = self.samples(tier, duration)
+        rest = [t for t in times if t > above]
+        return sum(rest) / len(rest) if rest else above
+
+
+@dataclass
+class _Video:
+    tier: str
+    duration: int
+    submitted_at: float
+
+
+class BudgetPlanner:
+    """Chooses each check's time for the videos of one batch (see the module's docstring).
+
+    Times it returns are seconds after the video's submit, on ``clock``.
+    ``api_second`` is how many of our seconds one of the API's seconds lasts
+    (1, except against a time-compressed simulator).
+    """
+
+    def __init__(
+        self,
+        schedule: WatchSchedule,
+        *,
+        requests_per_window: int,
+        window: float,
+        max_in_flight: int,
+        requests_per_item: int = 2,
+        times: GenerationTimes | None = None,
+        quantile: float = BINDING_QUANTILE,
+        api_second: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.schedule = schedule
+        self.requests_per_window = requests_per_window
+        self.window = window
+        self.max_in_flight = max_in_flight
+        self.requests_per_item = requests_per_item
+        self.times = times or GenerationTimes()
+        self.quantile = quantile
+        self.api_second = api_second
+        self.queued = 0  # items not yet submitted; the batch keeps it current
+        self._clock = clock
+        self._videos: dict[str, _Video] = {}
+        self.binding_decisions = 0
+        self.eager_decisions = 0
+
+    def add(self, task_id: str, tier: str, duration: int, submitted_at: float) -> None:
+        """Start planning checks for a submitted video."""
+        self._videos[task_id] = _Video(str(tier), int(duration), submitted_at)
+
+    def finish(self, task_id: str, generation_time: float | None = None) -> None:
+        """Stop planning for a video; learn from its ``generationTime`` (API seconds)."""
+        video = self._videos.pop(task_id, None)
+        if video is not None and generation_time is not None:
+            self.times.observe(video.tier, video.duration, generation_time)
+
+    def eager_checks(self, video: _Video, elapsed: float) -> float:
+        """Checks the 120 s / 20 s schedule is expected to make from ``elapsed`` on."""
+        above = elapsed / self.api_second
+        done = self.times.mean(video.tier, video.duration, above) * self.api_second
+        first = max(self.schedule.initial_delay, elapsed)
+        return max(0.0, (min(done, self.schedule.max_wait) - first) / self.schedule.interval) + 1
+
+    def is_binding(self) -> bool:
+        """Whether the eager schedule would need more than one window's budget."""
+        now = self._clock()
+        demand = sum(self.eager_checks(v, now - v.submitted_at) for v in self._videos.values())
+        if self.queued:
+            kind = next(iter(self._videos.values()), _Video("sora2", 10, now))
+            per_item = self.requests_per_item + self.eager_checks(kind, 0.0)
+            cycle = self.times.mean(kind.tier, kind.duration) * self.api_second
+            cycle += self.schedule.interval / 2
+            starts = self.max_in_flight * self.window / max(cycle, 1e-9)
+            demand += min(self.queued, math.ceil(starts)) * per_item
+        return demand > self.requests_per_window
+
+    def check_time(self, task_id: str, index: int, elapsed: float) -> float:
+        """When (seconds after submit) to make check ``index`` of ``task_id``, now ``elapsed``."""
+        video = self._videos.get(task_id)
+        if video is None or not self.is_binding():
+            self.eager_decisions += 1
+            return self._eager_time(index, elapsed)
+        self.binding_decisions += 1
+        above = elapsed / self.api_second if index else 0.0
+        predicted = self.times.quantile(video.tier, video.duration, self.quantile, above)
+        if predicted is None:  # slower than any seen: back off, doubling
+            later = elapsed + self.schedule.interval * float(2 ** min(index, 6))
+        else:
+            # generationTime is rounded to whole seconds: one more covers it.
+            later = (predicted + 1.0) * self.api_second
+        return min(max(later, self.schedule.initial_delay, elapsed), self.schedule.max_wait)
+
+    def _eager_time(self, index: int, elapsed: float) -> float:
+        """The next slot of the 120 s / 20 s grid that is not already past."""
+        schedule = self.schedule
+        if index == 0:
+            return schedule.initial_delay
+        past = max(0.0, elapsed - schedule.initial_delay)
+        slots = math.floor(past / schedule.interval + 1e-9) + 1
+        return min(schedule.initial_delay + slots * schedule.interval, schedule.max_wait)

@@ -1,0 +1,181 @@
+"""One request budget for every flow run and worker: a Prefect global concurrency limit.
+
+NanoPhoto counts a key's requests over a sliding hour. The limit
+``nanophoto-api`` reproduces that window exactly: each request holds one slot
+for one window (a lease that we release when the window has passed, and that
+the Prefect server revokes itself if our process died first). So the slots
+in use are the requests made in the last hour, by every process that shares
+the key, and a request only goes out when one is free.
+
+Why not ``rate_limit()``'s slot decay: a decaying bucket that allows bursts
+admits up to ``limit + rate * hour`` requests in an hour, twice NanoPhoto's
+budget, and one that never bursts would throttle a single video's 20 s checks.
+
+The limit is strict: if it does not exist, the first request fails with a
+message saying how to create it (``make deploy``), instead of running
+unthrottled. In each process a ``RequestLimiter`` sits in front of it: it
+orders waiting requests (submits first) and takes slots in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
+from prefect.exceptions import ObjectNotFound
+
+from nanophoto.errors import ConfigurationError
+from nanophoto.ratelimit import WINDOW_MARGIN, RequestLimiter
+from nanophoto.settings import NanoPhotoSettings
+
+RATE_LIMIT_NAME: Final = "nanophoto-api"
+_MIN_LEASE_S: Final = 60.0  # the Prefect server refuses shorter leases
+_logger = logging.getLogger("sora2.ratelimit")
+
+
+class RateBudgetMissingError(ConfigurationError):
+    """The global concurrency limit that shares the key's budget does not exist."""
+
+    code = "RATE_LIMIT_MISSING"
+
+
+class PrefectRequestBudget:
+    """Slots of the global concurrency limit, each held for one rate window."""
+
+    def __init__(self, name: str = RATE_LIMIT_NAME, *, window: float) -> None:
+        self.name = name
+        self.window = window * (1 + WINDOW_MARGIN)
+        self._limit: int | None = None
+        self._releases: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"PrefectRequestBudget(name={self.name!r}, window={self.window:g})"
+
+    async def acquire(self, count: int) -> None:
+        """Take ``count`` slots, waiting while the last window's requests fill the limit."""
+        async with get_client() as client:
+            limit = await self._read_limit(client)
+            poll = min(max(self.window / limit / 4, 0.02), 5.0)
+            while count > 0:
+                take = min(count, limit)
+                try:
+                    response = await client.increment_concurrency_slots_with_lease(
+                        names=[self.name],
+                        slots=take,
+                        mode="concurrency",
+                        lease_duration=max(self.window, _MIN_LEASE_S) + 5.0,
+                    )
+                except httpx.HTTPStatusError as error:
+                    if error.response.status_code != 423:
+                        raise
+                    await asyncio.sleep(poll)  # every slot is a request of the last hour
+                    continue
+                answer = response.json()
+                lease_id = UUID(answer["lease_id"])
+                if not answer.get("limits"):  # deleted since we read it
+                    await client.release_concurrency_slots_with_lease(lease_id)
+                    self._limit = None
+                    raise self._missing()
+                self._release_later(lease_id)
+                count -= take
+
+    async def _read_limit(self, client: PrefectClient) -> int:
+        if self._limit is None:
+            try:
+                limit = await client.read_global_concurrency_limit_by_name(self.name)
+            except ObjectNotFound:
+                raise self._missing() from None
+            if not limit.active:
+                raise RateBudgetMissingError(
+                    f"the global concurrency limit {self.name!r} is inactive: activate it "
+                    "in the Prefect UI (Concurrency) or run `make deploy`"
+                )
+            self._limit = limit.limit
+        return self._limit
+
+    def _missing(self) -> RateBudgetMissingError:
+        return RateBudgetMissingError(
+            f"the global concurrency limit {self.name!r}, which keeps every run under the "
+            "key's requests per hour, does not exist on this Prefect server: create it with "
+            "`make deploy` (python -m deployments.setup). Nothing was sent."
+        )
+
+    def _release_later(self, lease_id: UUID) -> None:
+        async def release() -> None:
+            await asyncio.sleep(self.window)
+            try:
+                async with get_client() as client:
+                    await client.release_concurrency_slots_with_lease(lease_id)
+            except Exception as error:  # the lease then expires on its own
+                _logger.debug("could not release lease %s: %s", lease_id, error)
+
+        task = asyncio.create_task(release(), name=f"release-{lease_id}")
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+
+_limiters: dict[tuple[int, int, float], tuple[asyncio.AbstractEventLoop, RequestLimiter]] = {}
+
+
+def shared_limiter(settings: NanoPhotoSettings | None = None) -> RequestLimiter:
+    """This process's limiter for the key, drawing on the global limit (one per event loop)."""
+    settings = settings or NanoPhotoSettings()
+    loop = asyncio.get_running_loop()
+    key = (id(loop), settings.rate_limit, settings.rate_window)
+    entry = _limiters.get(key)
+    if entry is None or entry[0] is not loop:
+        limiter = RequestLimiter(
+            settings.rate_limit,
+            settings.rate_window,
+            upstream=PrefectRequestBudget(window=settings.rate_window),
+        )
+        for old, (other, _) in list(_limiters.items()):
+            if other.is_closed():
+                del _limiters[old]
+        _limiters[key] = entry = (loop, limiter)
+    return entry[1]
+
+
+async def ensure_rate_limit(
+    client: PrefectClient, limit: int, *, name: str = RATE_LIMIT_NAME, reset: bool = False
+) -> str:
+    """Create the global limit, or set its size; ``reset`` frees slots nobody holds.
+
+    Returns what was done, for setup's report. ``reset`` is for servers that
+    keep leases in memory and were restarted (the embedded server of the
+    demo): their slots would otherwise stay taken.
+    """
+    try:
+        existing = await client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        await client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True)
+        )
+        return f"created global concurrency limit {name} ({limit} requests per window)"
+    update: dict[str, object] = {}
+    if existing.limit != limit:
+        update["limit"] = limit
+    if not existing.active:
+        update["active"] = True
+    if existing.slot_decay_per_second:
+        update["slot_decay_per_second"] = 0.0  # a window of leases, not a decaying bucket
+    if reset and existing.active_slots:
+        update["active_slots"] = 0
+    if not update:
+        return f"global concurrency limit {name} already set ({limit} requests per window)"
+    await client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(**update))
+    return f"updated global concurrency limit {name}: {sorted(update)}"
+
+
+async def create_rate_limit(limit: int, *, reset: bool = False) -> str:
+    """``ensure_rate_limit`` on the configured Prefect server."""
+    async with get_client() as client:
+        return await ensure_rate_limit(client, limit, reset=reset)

@@ -1,0 +1,108 @@
+"""The in-process request budget: a sliding window, granted in priority order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nanophoto.ratelimit import Priority, RequestLimiter
+
+
+class FakeTime:
+    """A clock that only moves when something sleeps: tests run instantly."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        for _ in range(5):  # let whoever was just granted run first
+            await asyncio.sleep(0)
+        self.now += max(seconds, 0.0)
+
+
+async def test_never_more_than_the_limit_in_any_window() -> None:
+    time = FakeTime()
+    limiter = RequestLimiter(5, 100.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    granted: list[float] = []
+
+    async def request() -> None:
+        await limiter.acquire()
+        granted.append(time.now)
+
+    await asyncio.wait_for(asyncio.gather(*(request() for _ in range(12))), timeout=5)
+    assert len(granted) == 12
+    # Any 100 s window holds at most 5 grants; the first 5 go at once.
+    assert granted[:5] == [0.0] * 5
+    for i, start in enumerate(granted):
+        assert sum(start <= t < start + 100.0 for t in granted[i:]) <= 5
+    assert granted[5] == pytest.approx(100.0)
+    assert granted[10] == pytest.approx(200.0)
+
+
+async def test_submits_go_before_checks_when_the_budget_is_spent() -> None:
+    time = FakeTime()
+    limiter = RequestLimiter(1, 10.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    await limiter.acquire()  # spends the window
+    order: list[str] = []
+
+    async def request(name: str, priority: Priority) -> None:
+        await limiter.acquire(priority)
+        order.append(name)
+
+    waiting = [
+        asyncio.create_task(request("check-1", Priority.CHECK)),
+        asyncio.create_task(request("check-2", Priority.CHECK)),
+        asyncio.create_task(request("submit", Priority.SUBMIT)),
+        asyncio.create_task(request("prompt", Priority.PROMPT)),
+    ]
+    await asyncio.wait_for(asyncio.gather(*waiting), timeout=5)
+    assert order == ["submit", "prompt", "check-1", "check-2"]
+
+
+async def test_a_cancelled_waiter_takes_no_slot() -> None:
+    time = FakeTime()
+    limiter = RequestLimiter(1, 10.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    await limiter.acquire()
+    gone = asyncio.create_task(limiter.acquire(Priority.SUBMIT))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.wait_for(limiter.acquire(), timeout=5)
+    assert limiter.granted_total == 2
+    assert time.now == pytest.approx(10.0)
+
+
+async def test_an_upstream_failure_reaches_every_waiter() -> None:
+    class Missing:
+        async def acquire(self, count: int) -> None:
+            raise RuntimeError("no such limit")
+
+    limiter = RequestLimiter(10, 10.0, upstream=Missing())
+    results = await asyncio.wait_for(
+        asyncio.gather(limiter.acquire(), limiter.acquire(), return_exceptions=True), timeout=5
+    )
+    assert [str(r) for r in results] == ["no such limit", "no such limit"]
+    assert limiter.granted_total == 0
+
+
+async def test_upstream_is_asked_for_waiting_requests_in_one_go() -> None:
+    asked: list[int] = []
+
+    class Counting:
+        async def acquire(self, count: int) -> None:
+            asked.append(count)
+
+    limiter = RequestLimiter(50, 10.0, upstream=Counting())
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire() for _ in range(30))), timeout=5)
+    assert sum(asked) == 30
+    assert len(asked) < 30
+
+
+def test_bad_budgets_are_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="requests"):
+        RequestLimiter(0, 10.0)
+    with pytest.raises(ValueError, match="window"):
+        RequestLimiter(1, 0.0)

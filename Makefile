@@ -29,8 +29,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md).
+bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); about 6 minutes.
 	$(PY) -m benchmarks.cli_status
+	$(PY) -m benchmarks.batch $(ARGS)
 
 sim: $(VENV)/.installed ## The simulator on port 8765, 100x faster than real time.
 	$(PY) -m nanophoto.simulator --port 8765 --time-scale 0.01

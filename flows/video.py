@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -44,7 +45,7 @@ from nanophoto.models import (
     VideoStatus,
 )
 from nanophoto.storage import VideoStore
-from nanophoto.watch import WatchSchedule, watch_video
+from nanophoto.watch import CheckPlan, WatchSchedule, watch_video
 from tasks.observe import WaitProgress, emit_video_event, publish_prompt, publish_video
 from tasks.submissions import (
     IdempotencyKey,
@@ -54,6 +55,9 @@ from tasks.submissions import (
     resolve_idempotency_key,
 )
 from tasks.video import check_video_status, download_video, generate_prompt, submit_video
+
+# (task id, submitted at) -> when to make each check of that video
+PlanFactory = Callable[[str, float], CheckPlan]
 
 
 def _run_name(prefix: str, parameter: str) -> str:
@@ -304,8 +308,10 @@ async def make_video(
     *,
     prompt_seconds: float = 0.0,
     prompt_credits: int = 0,
+    plan: PlanFactory | None = None,
+    quiet: bool = False,
 ) -> VideoResult:
-    """Submit once, then finish the video: the part both submitting flows share."""
+    """Submit once, then finish the video: the part every submitting flow shares."""
     store = await SubmissionStore.default()
     record = store.new(key, "sending", print_, prompt=request.prompt, cost=request.cost)
     record = record.model_copy(update={"attempts": attempt})
@@ -332,6 +338,8 @@ async def make_video(
         expected_cost=request.cost,
         timings=StageTimings(prompt=prompt_seconds, submit=submitted_at - started),
         prompt_credits=prompt_credits,
+        plan=plan,
+        quiet=quiet,
     )
 
 
@@ -371,16 +379,25 @@ async def finish_video(
     expected_cost: int | None = None,
     timings: StageTimings | None = None,
     prompt_credits: int = 0,
+    plan: PlanFactory | None = None,
+    quiet: bool = False,
 ) -> VideoResult:
-    """Watch a submitted video on ``schedule`` until it is final, then download it."""
+    """Watch a submitted video until it is final, then download it.
+
+    Checks follow ``schedule``, or ``plan`` when a batch times them by its
+    budget. ``quiet`` leaves out the per-video progress and link artifacts
+    (a batch reports its videos in one table instead).
+    """
     logger = get_run_logger()
     task_id = submitted.task_id
-    progress = WaitProgress(task_id, schedule.expected_generation)
-    await progress.start()
+    progress = None if quiet else WaitProgress(task_id, schedule.expected_generation)
+    if progress is not None:
+        await progress.start()
 
     async def check(task_id: str) -> VideoStatus:
         status = await check_video_status(task_id)
-        await progress.update(time.monotonic() - submitted_at, status.status)
+        if progress is not None:
+            await progress.update(time.monotonic() - submitted_at, status.status)
         return status
 
     def note_transient(error: NanoPhotoError) -> None:
@@ -395,6 +412,7 @@ async def finish_video(
                 schedule,
                 submitted_at=submitted_at,
                 on_transient_error=note_transient,
+                plan=None if plan is None else plan(task_id, submitted_at),
             )
         wait_seconds = time.monotonic() - submitted_at
         if status.is_failed or status.video_url is None:
@@ -416,7 +434,8 @@ async def finish_video(
         emit_video_event("failed", task_id, error_code=code, error=str(error)[:1000])
         raise
     finally:
-        await progress.finish(status.status)
+        if progress is not None:
+            await progress.finish(status.status)
     credits = status.credits_used if status.credits_used is not None else expected_cost
     result = VideoResult(
         task_id=task_id,
@@ -432,7 +451,8 @@ async def finish_video(
             update={"wait": wait_seconds, "download": download_seconds}
         ),
     )
-    await publish_video(result)
+    if not quiet:
+        await publish_video(result)
     emit_video_event(
         "completed",
         task_id,

@@ -25,7 +25,7 @@ The strategy, decided again before every check:
 
 Observed times are the API's own ``generationTime``, not when we happened to
 notice completion (that would feed our own waiting back into the estimate).
-Until a tier and duration has a few, the contract's 120-480 s stands in.
+Until a tier and duration has 30, the contract's 120-480 s is mixed in.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from nanophoto.contract import GENERATION_RANGE_S
-from nanophoto.watch import WatchSchedule
+from nanophoto.watch import CheckPlan, WatchSchedule
 
 BINDING_QUANTILE: Final = 0.98
 _PRIOR_POINTS: Final = 13
-_MIN_SAMPLES: Final = 5
+_MIN_SAMPLES: Final = 30
 _MAX_SAMPLES: Final = 500
 
 
@@ -64,14 +64,17 @@ class GenerationTimes:
             self._seen[(str(tier), int(duration))].append(float(seconds))
 
     def samples(self, tier: str, duration: int) -> list[float]:
-        """Sorted times to predict from: this kind's, else every kind's, else the prior."""
-        own = self._seen.get((str(tier), int(duration)))
-        if own is not None and len(own) >= _MIN_SAMPLES:
+        """Sorted times to predict from: this kind's, else every kind's, with the prior.
+
+        Until there are enough, the contract's range stays in: the slowest of a
+        few videos seen is no bound on the next one, and a check made too soon
+        is a request wasted.
+        """
+        own = list(self._seen.get((str(tier), int(duration)), ()))
+        if len(own) >= _MIN_SAMPLES:
             return sorted(own)
         pooled = [t for times in self._seen.values() for t in times]
-        if len(pooled) >= _MIN_SAMPLES:
-            return sorted(pooled)
-        return list(self._prior)
+        return sorted((own if own else pooled) + self._prior)
 
     def quantile(self, tier: str, duration: int, q: float, above: float = 0.0) -> float | None:
         """The ``q`` quantile of the times longer than ``above``; None if none is."""
@@ -133,6 +136,11 @@ class BudgetPlanner:
     def add(self, task_id: str, tier: str, duration: int, submitted_at: float) -> None:
         """Start planning checks for a submitted video."""
         self._videos[task_id] = _Video(str(tier), int(duration), submitted_at)
+
+    def track(self, task_id: str, tier: str, duration: int, submitted_at: float) -> CheckPlan:
+        """``add``, and the plan ``watch_video`` asks for each check's time."""
+        self.add(task_id, tier, duration, submitted_at)
+        return lambda index, elapsed: self.check_time(task_id, index, elapsed)
 
     def finish(self, task_id: str, generation_time: float | None = None) -> None:
         """Stop planning for a video; learn from its ``generationTime`` (API seconds)."""

@@ -63,6 +63,12 @@ class NanoPhotoSettings(BaseSettings):
         description="The rate window in seconds (an hour; shorter only for a "
         "time-compressed simulator).",
     )
+    time_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="Our seconds per second of the API's clock, to read its generationTime: "
+        "1, except against a time-compressed simulator.",
+    )
     openclaw_file: Path = Field(
         default=OPENCLAW_FILE, description="The OpenClaw config holding skill keys."
     )

@@ -55,6 +55,9 @@ class PrefectRequestBudget:
         self.window = window * (1 + WINDOW_MARGIN)
         self._limit: int | None = None
         self._releases: set[asyncio.Task[None]] = set()
+        # One budget call at a time from this process: concurrent writes to a
+        # SQLite-backed server collide, and the client then backs off for seconds.
+        self._calls = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"PrefectRequestBudget(name={self.name!r}, window={self.window:g})"
@@ -67,12 +70,13 @@ class PrefectRequestBudget:
             while count > 0:
                 take = min(count, limit)
                 try:
-                    response = await client.increment_concurrency_slots_with_lease(
-                        names=[self.name],
-                        slots=take,
-                        mode="concurrency",
-                        lease_duration=max(self.window, _MIN_LEASE_S) + 5.0,
-                    )
+                    async with self._calls:
+                        response = await client.increment_concurrency_slots_with_lease(
+                            names=[self.name],
+                            slots=take,
+                            mode="concurrency",
+                            lease_duration=max(self.window, _MIN_LEASE_S) + 5.0,
+                        )
                 except httpx.HTTPStatusError as error:
                     if error.response.status_code != 423:
                         raise
@@ -112,7 +116,7 @@ class PrefectRequestBudget:
         async def release() -> None:
             await asyncio.sleep(self.window)
             try:
-                async with get_client() as client:
+                async with self._calls, get_client() as client:
                     await client.release_concurrency_slots_with_lease(lease_id)
             except Exception as error:  # the lease then expires on its own
                 _logger.debug("could not release lease %s: %s", lease_id, error)

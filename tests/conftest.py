@@ -75,6 +75,7 @@ def use_simulator(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None
     config = simulator.config
     monkeypatch.setenv("NANOPHOTO_RATE_LIMIT", str(config.rate_limit))
     monkeypatch.setenv("NANOPHOTO_RATE_WINDOW", str(config.real(config.rate_window_seconds)))
+    monkeypatch.setenv("NANOPHOTO_TIME_SCALE", str(config.time_scale))
     monkeypatch.setenv("NANOPHOTO_RETRY_BASE_DELAY", "0.01")
     monkeypatch.setenv("NANOPHOTO_RETRY_MAX_DELAY", "0.05")
     monkeypatch.setenv("NANOPHOTO_RETRY_RATE_LIMIT_DELAY", "0.05")

@@ -72,6 +72,9 @@ def test_deployments_run_on_a_real_server_and_worker(
         # 1. Setup twice: the second run adds nothing and keeps a schedule turned on.
         assert "created work pool sora2-process" in run(setup, setup_env)
         first = asyncio.run(server_state())
+        # One request budget for every run: 100 per hour, a window of leased slots.
+        assert first["rate_limits"] == [("nanophoto-api", 100, 0.0)]
+        assert first["active"]["weekly-batch/monday-shorts"] is False
         asyncio.run(turn_on_schedule("topic-to-video/daily", "weekday-city"))
         assert "kept schedule" in run(setup, setup_env)
         second = asyncio.run(server_state())
@@ -192,6 +195,10 @@ async def server_state() -> dict[str, Any]:
             "blocks": sorted(str(b.name) for b in await client.read_block_documents()),
             "variables": sorted(v.name for v in await client.read_variables()),
             "active": {f"{d.name}/{s.slug}": s.active for d in deployments for s in d.schedules},
+            "rate_limits": sorted(
+                (g.name, g.limit, g.slot_decay_per_second)
+                for g in await client.read_global_concurrency_limits()
+            ),
         }
 
 

@@ -59,7 +59,7 @@ def test_a_big_batch_binds_and_checks_once_when_almost_surely_done() -> None:
 def test_predictions_follow_each_tier_and_duration() -> None:
     clock = Clock()
     times = GenerationTimes()
-    for _ in range(10):
+    for _ in range(30):
         times.observe("sora2", 10, 130.0)
         times.observe("sora2-pro-high", 15, 400.0)
     plan = planner(clock, queued=40, in_flight=0, times=times)
@@ -74,7 +74,7 @@ def test_predictions_follow_each_tier_and_duration() -> None:
 def test_a_video_slower_than_any_seen_backs_off_doubling() -> None:
     clock = Clock()
     times = GenerationTimes()
-    for _ in range(10):
+    for _ in range(30):
         times.observe("sora2", 10, 200.0)
     plan = planner(clock, queued=40, in_flight=12, times=times)
     assert plan.check_time("t0", 1, 300.0) == pytest.approx(340.0)
@@ -85,7 +85,7 @@ def test_a_video_slower_than_any_seen_backs_off_doubling() -> None:
 def test_time_compression_converts_the_apis_seconds() -> None:
     clock = Clock()
     times = GenerationTimes()
-    for _ in range(10):
+    for _ in range(30):
         times.observe("sora2", 10, 300.0)
     plan = BudgetPlanner(
         WatchSchedule().scaled(0.01),
@@ -106,8 +106,10 @@ def test_learning_uses_the_apis_generation_time() -> None:
     assert times.quantile("sora2", 10, 1.0) == 480.0  # the contract's range, before any data
     clock = Clock()
     plan = planner(clock, times=times)
-    for i in range(5):
+    for i in range(30):
         plan.add(f"v{i}", "sora2", 10, 0.0)
         plan.finish(f"v{i}", 150.0)
+        if i == 4:  # a few fast ones are no bound on the next: the prior stays in
+            assert times.quantile("sora2", 10, 1.0) == 480.0
     assert times.quantile("sora2", 10, 1.0) == 150.0
     assert times.quantile("sora2", 10, 0.5, above=150.0) is None

@@ -1,0 +1,382 @@
+"""Our batch flow against the published tool's way, under the key's real limits.
+
+Two runs, each against its own simulator:
+
+1. **Rate run**: 100 requests per (simulated) hour, generations of 120-480 s,
+   time compressed (default 1/100: an hour lasts 36 s). Side by side, at the
+   same time, for the same simulated hours:
+   * *baseline*: ``benchmarks/baseline.py``, one video at a time, 120 s then
+     every 20 s, no retries (the published tool, run again after it fails);
+   * *ours*: the ``batch-of-videos`` flow on Prefect's embedded server, with
+     its global rate limit, topics in, MP4s out.
+2. **Scale run**: 500 ready prompts in flight in one batch, the limit raised,
+   at time scale 1/10 (generations of 12-48 s, checks every 2 s), against the
+   ideal wall time: the longest generation plus one check interval.
+
+Each side runs in its own process, so CPU seconds and peak memory are its
+own (with the Prefect server process it started); the simulators run in this
+process. Figures come from the simulators' ledgers (requests, 429s, when each
+video was done and when it was seen) and from ``/proc``.
+
+Run: ``make bench`` (or ``python -m benchmarks.batch --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nanophoto.simulator import SimulatorConfig, SimulatorThread
+
+KEY = "bench-key"
+TOPICS = [
+    "A paper boat in a rain gutter",
+    "Dawn over a misty pine forest",
+    "A street food stall at midnight",
+    "Jellyfish drifting in blue light",
+    "An old lighthouse in a winter storm",
+]
+RESULT = "RESULT "
+
+
+# --- measuring a process tree ---------------------------------------------------
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def tree_usage(pid: int | None = None) -> dict[str, float]:
+    """CPU seconds and peak resident memory (MiB) of a process and its descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu, peak = 0.0, 0.0
+    for member in _tree(pid or os.getpid()):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / ticks
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peak += int(line.split()[1]) / 1024
+    return {"cpu_seconds": round(cpu, 2), "peak_mib": round(peak, 1)}
+
+
+# --- the two sides, each in its own process -------------------------------------------
+
+
+def _prefect_env(base_url: str, time_scale: float, rate_limit: int) -> None:
+    """A private embedded Prefect server, and our client pointed at the simulator."""
+    home = tempfile.mkdtemp(prefix="sora2-bench-")
+    os.environ.update(
+        {
+            "PREFECT_HOME": home,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "NANOPHOTO_BASE_URL": base_url,
+            "NANOPHOTO_API_KEY": KEY,
+            "NANOPHOTO_RATE_LIMIT": str(rate_limit),
+            "NANOPHOTO_RATE_WINDOW": str(3600 * time_scale),
+            "NANOPHOTO_TIME_SCALE": str(time_scale),
+        }
+    )
+    os.environ.pop("PREFECT_API_URL", None)
+
+
+async def _run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """The batch flow, topics in, cut off at the horizon."""
+    _prefect_env(args.base_url, args.time_scale, 100)
+    from flows.batch import BatchItem, batch_of_videos
+    from nanophoto.watch import WatchSchedule
+    from tasks.ratelimit import create_rate_limit
+
+    await create_rate_limit(100, reset=True)  # also starts the embedded server
+    count = int(args.hours * 45)  # more than the budget can make
+    items = [BatchItem(topic=f"{TOPICS[i % len(TOPICS)]} (take {i})") for i in range(count)]
+    output = tempfile.mkdtemp(prefix="sora2-bench-videos-")
+    started_wall, started = time.time(), time.monotonic()
+    run = asyncio.create_task(
+        batch_of_videos(
+            items=items,
+            max_in_flight=args.max_in_flight,
+            schedule=WatchSchedule().scaled(args.time_scale),
+            output_dir=output,
+        )
+    )
+    done, _ = await asyncio.wait({run}, timeout=args.hours * 3600 * args.time_scale)
+    if not done:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+    from prefect import get_client
+
+    async with get_client() as client:
+        held = (await client.read_global_concurrency_limit_by_name("nanophoto-api")).active_slots
+    return {"started_wall": started_wall, "elapsed": time.monotonic() - started, "held": held}
+
+
+async def _run_baseline(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.baseline import run_baseline
+
+    started_wall = time.time()
+    result = await run_baseline(
+        args.base_url,
+        KEY,
+        TOPICS,
+        time_scale=args.time_scale,
+        horizon_s=args.hours * 3600 * args.time_scale,
+        pause_after_failure_s=20.0,
+    )
+    return {"started_wall": started_wall, "elapsed": result["elapsed_s"], "tool": result}
+
+
+async def _run_scale(args: argparse.Namespace) -> dict[str, Any]:
+    """``videos`` ready prompts in one batch, all in flight, to the end."""
+    limit = 1_000_000
+    _prefect_env(args.base_url, args.time_scale, limit)
+    from flows.batch import BatchItem, batch_of_videos
+    from nanophoto.watch import WatchSchedule
+    from tasks.ratelimit import create_rate_limit
+
+    await create_rate_limit(limit, reset=True)
+    items = [BatchItem(prompt=f"Shot {i}: a paper boat in the rain") for i in range(args.videos)]
+    output = tempfile.mkdtemp(prefix="sora2-bench-scale-")
+    started_wall, started = time.time(), time.monotonic()
+    summary = await batch_of_videos(
+        items=items,
+        max_in_flight=args.videos,
+        schedule=WatchSchedule().scaled(args.time_scale),
+        output_dir=output,
+    )
+    return {
+        "started_wall": started_wall,
+        "elapsed": time.monotonic() - started,
+        "delivered": summary.delivered,
+        "failed": summary.failed,
+    }
+
+
+def arm_main(args: argparse.Namespace) -> int:
+    """Run one side and print its result as one JSON line."""
+    runner = {"ours": _run_ours, "baseline": _run_baseline, "scale": _run_scale}[args.arm]
+
+    async def run_and_exit() -> None:
+        result = await runner(args)
+        result.update(tree_usage())
+        print(RESULT + json.dumps(result), flush=True)
+        # Out at once, measured: not after Prefect's shutdown (its server, its threads).
+        os._exit(0)
+
+    asyncio.run(run_and_exit())
+    return 1
+
+
+# --- the runs, and the table ----------------------------------------------------------
+
+
+def _arm(arm: str, base_url: str, log: Path, **options: Any) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "benchmarks.batch", "--arm", arm, "--base-url", base_url]
+    for name, value in options.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, start_new_session=True
+    )
+
+
+def _result(process: subprocess.Popen[str], name: str, log: Path) -> dict[str, Any]:
+    """The side's result line; then its whole process group goes (its Prefect server too)."""
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:  # not to EOF: the server it started holds the pipe open
+            if line.startswith(RESULT):
+                parsed: dict[str, Any] = json.loads(line.removeprefix(RESULT))
+                return parsed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    raise SystemExit(f"the {name} side printed no result (exit {process.returncode}); see {log}")
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _side(ledger: dict[str, Any], result: dict[str, Any], hours: float) -> dict[str, Any]:
+    """The figures of one side, from its simulator's ledger and its process."""
+    tasks = ledger["tasks"]
+    seen = [t for t in tasks if t["status"] == "completed" and t["reported_at"] is not None]
+    delays = [t["detection_delay"] for t in seen]
+    requests = ledger["total_requests"]
+    videos = len(seen)
+    return {
+        "videos": videos,
+        "videos_per_hour": round(videos / hours, 1),
+        "requests": requests,
+        "requests_per_video": round(requests / videos, 2) if videos else None,
+        "http_429": sum(ledger["rate_limited"].values()),
+        "submits": ledger["submits"],
+        "paid_not_seen": ledger["submits"] - videos,
+        "checks_per_video": round(sum(t["status_checks"] for t in seen) / videos, 2)
+        if videos
+        else None,
+        "checked_more_than_once": sum(t["status_checks"] > 1 for t in seen),
+        "detection_p50": _percentile(delays, 0.5),
+        "detection_p95": _percentile(delays, 0.95),
+        "cpu_s_per_video": round(result["cpu_seconds"] / videos, 3) if videos else None,
+        "peak_mib": result["peak_mib"],
+        "peak_mib_per_video": round(result["peak_mib"] / videos, 2) if videos else None,
+    }
+
+
+def rate_run(hours: float, time_scale: float, max_in_flight: int, logs: Path) -> dict[str, Any]:
+    """Baseline and ours, side by side, each on its own simulator with the 100/h limit."""
+
+    def config(seed: int) -> SimulatorConfig:
+        return SimulatorConfig(keys={KEY: 10**7}, time_scale=time_scale, seed=seed)
+
+    with SimulatorThread(config(1)) as base_sim, SimulatorThread(config(2)) as our_sim:
+        options = {"hours": hours, "time_scale": time_scale}
+        baseline = _arm("baseline", base_sim.base_url, logs / "baseline.log", **options)
+        ours = _arm(
+            "ours", our_sim.base_url, logs / "ours.log", max_in_flight=max_in_flight, **options
+        )
+        base_result = _result(baseline, "baseline", logs / "baseline.log")
+        our_result = _result(ours, "ours", logs / "ours.log")
+        return {
+            "baseline": _side(base_sim.snapshot(), base_result, hours),
+            "ours": _side(our_sim.snapshot(), our_result, hours),
+        }
+
+
+def scale_run(videos: int, time_scale: float, logs: Path) -> dict[str, Any]:
+    """``videos`` in flight at once; wall time against the ideal, and where it went."""
+    config = SimulatorConfig(keys={KEY: 10**7}, time_scale=time_scale, seed=3, rate_limit=1_000_000)
+    with SimulatorThread(config) as sim:
+        origin = time.time()
+        process = _arm(
+            "scale", sim.base_url, logs / "scale.log", videos=videos, time_scale=time_scale
+        )
+        result = _result(process, "scale", logs / "scale.log")
+        ledger = sim.snapshot()
+    tasks = ledger["tasks"]
+    start = (result["started_wall"] - origin) / time_scale  # simulated s, ledger's clock
+    end = start + result["elapsed"] / time_scale
+    longest = max(t["generation_seconds"] for t in tasks)
+    ideal = (longest + 20.0) * time_scale
+    delays = [t["detection_delay"] for t in tasks if t["detection_delay"] is not None]
+    last_submit = max(t["submitted_at"] for t in tasks)
+    last_seen = max(t["reported_at"] for t in tasks if t["reported_at"] is not None)
+
+    def real(simulated: float | None) -> float | None:
+        return None if simulated is None else round(simulated * time_scale, 2)
+
+    return {
+        "videos": videos,
+        "delivered": result["delivered"],
+        "wall_s": round(result["elapsed"], 1),
+        "ideal_s": round(ideal, 1),
+        "over_ideal": round(result["elapsed"] / ideal - 1, 3),
+        "submits_done_after_s": real(last_submit - start),
+        "detection_p50_s": real(_percentile(delays, 0.5)),
+        "detection_p95_s": real(_percentile(delays, 0.95)),
+        "detection_max_s": real(max(delays) if delays else None),
+        "after_last_seen_s": real(end - last_seen),
+        "requests": ledger["total_requests"],
+        "http_429": sum(ledger["rate_limited"].values()),
+        "cpu_seconds": result["cpu_seconds"],
+        "peak_mib": result["peak_mib"],
+    }
+
+
+def _table(rate: dict[str, Any], hours: float) -> str:
+    rows = [
+        ("videos completed per simulated hour", "videos_per_hour"),
+        ("videos seen done", "videos"),
+        ("requests per video", "requests_per_video"),
+        ("429 answers", "http_429"),
+        ("paid, not seen done", "paid_not_seen"),
+        ("detection delay p50 (simulated s)", "detection_p50"),
+        ("detection delay p95 (simulated s)", "detection_p95"),
+        ("orchestration CPU s per video", "cpu_s_per_video"),
+        ("peak memory, MiB (per video)", "peak_mib"),
+    ]
+    lines = [
+        f"Rate run: {hours:g} simulated hours, 100 requests/hour, generations 120-480 s",
+        f"| {'':38} | {'baseline (published tool)':>26} | {'ours (batch flow)':>18} |",
+        f"|{'-' * 40}|{'-' * 28}|{'-' * 20}|",
+    ]
+    for label, key in rows:
+        values = []
+        for side in ("baseline", "ours"):
+            value = rate[side][key]
+            if key == "peak_mib":
+                value = f"{value} ({rate[side]['peak_mib_per_video']})"
+            values.append("-" if value is None else str(value))
+        lines.append(f"| {label:38} | {values[0]:>26} | {values[1]:>18} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its tables."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batch", description=__doc__)
+    parser.add_argument("--hours", type=float, default=3.0, help="simulated hours (rate run)")
+    parser.add_argument("--time-scale", type=float, default=None)
+    parser.add_argument("--max-in-flight", type=int, default=12)
+    parser.add_argument("--videos", type=int, default=500, help="videos in the scale run")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--skip-rate", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--arm", choices=["ours", "baseline", "scale"], help=argparse.SUPPRESS)
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.arm:
+        args.time_scale = args.time_scale or 0.01
+        return arm_main(args)
+    logs = Path(tempfile.mkdtemp(prefix="sora2-bench-logs-"))
+    figures: dict[str, Any] = {}
+    if not args.skip_rate:
+        scale = args.time_scale or 0.01
+        print(f"rate run: {args.hours:g} simulated hours at time scale {scale:g} ...", flush=True)
+        figures["rate"] = rate_run(args.hours, scale, args.max_in_flight, logs)
+        print(_table(figures["rate"], args.hours), flush=True)
+    if not args.skip_scale:
+        print(f"scale run: {args.videos} videos in flight at time scale 0.1 ...", flush=True)
+        figures["scale"] = scale = scale_run(args.videos, 0.1, logs)
+        print(json.dumps(scale, indent=2), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"logs: {logs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Many videos in one run: concurrent pipelines under a credit budget and the key's rate budget.
+
+Each item is its own pipeline (prompt, submit, watch, download). One item's
+failure never stops the others: the batch reports what each became. Before
+an item is submitted its price comes from the cost table; an item that would
+take the batch over its credit budget is not submitted, and is reported.
+Checks are timed by ``nanophoto.planner.BudgetPlanner``, so a batch the
+key's 100 requests an hour cannot watch eagerly still makes the most videos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from typing import Annotated, Literal, Self
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flows.video import earlier_attempt, make_video
+from nanophoto.contract import (
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_DURATION,
+    DEFAULT_LOCALE,
+    DEFAULT_MODE,
+    DEFAULT_PROMPT_MODEL,
+    DEFAULT_TECHNIQUE,
+    DEFAULT_TIER,
+    PROMPT_COST,
+    AspectRatio,
+    Duration,
+    Locale,
+    Mode,
+    ModelTier,
+    Technique,
+)
+from nanophoto.errors import GenerationFailedError, NanoPhotoError, SubmitOutcomeUnknownError
+from nanophoto.models import (
+    ImageUrls,
+    ModelName,
+    PromptRequest,
+    PromptText,
+    Topic,
+    VideoOptions,
+    VideoResult,
+)
+from nanophoto.planner import BudgetPlanner
+from nanophoto.settings import NanoPhotoSettings
+from nanophoto.watch import CheckPlan, WatchSchedule
+from tasks.observe import best_effort
+from tasks.ratelimit import shared_limiter
+from tasks.submissions import IdempotencyKey, fingerprint, resolve_idempotency_key
+from tasks.video import generate_prompt
+
+ItemStatus = Literal["delivered", "failed", "over_budget"]
+
+
+class BatchItem(BaseModel):
+    """One video of a batch: a topic (a prompt is written first) or a ready prompt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topic: Topic | None = Field(None, description="What the video is about (or give a prompt).")
+    prompt: PromptText | None = Field(None, description="A ready video prompt (or give a topic).")
+    technique: Technique = Field(DEFAULT_TECHNIQUE, description="For a topic's prompt.")
+    locale: Locale = Field(DEFAULT_LOCALE, description="For a topic's prompt.")
+    prompt_model: ModelName = Field(DEFAULT_PROMPT_MODEL, description="For a topic's prompt.")
+    mode: Mode = DEFAULT_MODE
+    image_urls: ImageUrls = Field(default_factory=list)
+    model_tier: ModelTier = DEFAULT_TIER
+    aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
+    duration: Duration = DEFAULT_DURATION
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        """A topic or a prompt, and options the API takes: checked before anything is paid."""
+        if (self.topic is None) == (self.prompt is None):
+            raise ValueError("give either a topic or a prompt, not both and not neither")
+        try:
+            if self.topic is not None:
+                self.prompt_request()
+            self.options.with_prompt(self.prompt or "placeholder")
+        except ValidationError as error:
+            detail = error.errors()[0]
+            field = ".".join(str(part) for part in detail["loc"]) or "options"
+            raise ValueError(f"{field}: {detail['msg']}") from None
+        return self
+
+    @property
+    def options(self) -> VideoOptions:
+        """How the video is rendered."""
+        return VideoOptions(
+            mode=self.mode,
+            image_urls=self.image_urls,
+            model_tier=self.model_tier,
+            aspect_ratio=self.aspect_ratio,
+            video_duration=self.duration,
+        )
+
+    @property
+    def price(self) -> int:
+        """Credits the item costs: its prompt, if it has a topic, and its video."""
+        return self.options.cost + (PROMPT_COST if self.topic is not None else 0)
+
+    @property
+    def label(self) -> str:
+        """The item as a person knows it, in a table cell."""
+        text = " ".join((self.topic or self.prompt or "").split())
+        return text[:60] + ("…" if len(text) > 60 else "")
+
+    def prompt_request(self) -> PromptRequest:
+        """The prompt request for a topic item."""
+        return PromptRequest(
+            topic=self.topic or "",
+            technique=self.technique,
+            duration=self.duration,
+            locale=self.locale,
+            mode=self.mode,
+            image_urls=self.image_urls,
+            model=self.prompt_model,
+        )
+
+    def fingerprint(self) -> str:
+        """What is paid for, so a batch key reused for other items is noticed."""
+        if self.topic is not None:
+            source = self.prompt_request().model_dump(mode="json", exclude={"mode", "image_urls"})
+            return fingerprint(self.options, {"topic": source})
+        return fingerprint(self.options, {"prompt": self.prompt})
+
+
+class ItemOutcome(BaseModel):
+    """What one item of the batch became."""
+
+    index: int
+    item: str
+    status: ItemStatus
+    price: int
+    credits_used: int = 0
+    task_id: str | None = None
+    video_path: str | None = None
+    video_size: int | None = None
+    video_sha256: str | None = None
+    error_code: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class BatchSummary(BaseModel):
+    """The whole batch: counts, credits and every item's outcome."""
+
+    delivered: int
+    failed: int
+    over_budget: int
+    credit_budget: int | None
+    credits_used: int
+    requests: int
+    seconds: float
+    items: list[ItemOutcome]
+
+
+class CreditBudget:
+    """Credits the batch may still commit; an item reserves its price before it starts."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.committed = 0
+
+    def reserve(self, price: int) -> bool:
+        """Take ``price`` if it fits; False (nothing taken) if it would go over."""
+        if self.limit is not None and self.committed + price > self.limit:
+            return False
+        self.committed += price
+        return True
+
+    def settle(self, reserved: int, spent: int) -> None:
+        """Give back what an item reserved but did not spend (refunds, refusals)."""
+        self.committed += spent - reserved
+
+
+def _batch_run_name() -> str:
+    count = len(flow_run.parameters.get("items") or [])
+    return f"batch: {count} video{'s' if count != 1 else ''}"
+
+
+@flow(name="batch-of-videos", flow_run_name=_batch_run_name)
+async def batch_of_videos(
+    items: list[BatchItem],
+    credit_budget: int | None = None,
+    max_in_flight: Annotated[int, Field(ge=1, le=1000)] = 10,
+    schedule: WatchSchedule = WatchSchedule(),
+    output_dir: str = "videos",
+    batch_key: IdempotencyKey | None = None,
+) -> BatchSummary:
+    """Make many videos at once: each item a topic or a ready prompt, with its own options.
+
+    Args:
+        items: The videos to make. Each has a topic (its prompt is written first, 2
+            credits) or a ready prompt, and optionally its own technique, locale, mode,
+            image_urls, model_tier, aspect_ratio and duration.
+        credit_budget: Most credits the batch may spend (prompts and videos, from the
+            cost table). Items that would go over it are not submitted and are
+            reported. Empty: no budget.
+        max_in_flight: Most videos being prompted, generated or downloaded at once.
+        schedule: The checks' rhythm when the key's request budget allows it (first
+            check, interval, when to stop watching); when it does not, checks are
+            timed by the generation times seen so far.
+        output_dir: Folder on the worker, or an fsspec URL (s3://bucket/videos), to save
+            the videos in, named by task id; empty to skip downloads.
+        batch_key: Runs with the same key make each item's video once, paid once (item
+            n's key is "<batch_key>:n"). Empty: this flow run's id.
+
+    Returns:
+        Counts, credits, requests, and each item's outcome (task id, file, checksum,
+        or why it failed or was skipped).
+    """
+    logger = get_run_logger()
+    if not items:
+        raise ValueError("items: give at least one topic or prompt")
+    if credit_budget is not None and credit_budget < 0:
+        raise ValueError("credit_budget: must be 0 or more (empty for no budget)")
+    key = resolve_idempotency_key(batch_key)
+    settings = NanoPhotoSettings()
+    topics = sum(item.topic is not None for item in items)
+    planner = BudgetPlanner(
+        schedule,
+        requests_per_window=settings.rate_limit,
+        window=settings.rate_window,
+        max_in_flight=max_in_flight,
+        requests_per_item=1 + round(topics / len(items)),
+        api_second=settings.time_scale,
+    )
+    planner.queued = len(items)
+    credits = CreditBudget(credit_budget)
+    slots = asyncio.Semaphore(max_in_flight)
+    started = time.monotonic()
+    limiter = shared_limiter(settings)
+    granted_before = limiter.granted_total
+
+    async def run(index: int, item: BatchItem) -> ItemOutcome:
+        async with slots:
+            planner.queued -= 1
+            return await _run_item(
+                index, item, f"{key}:{index}", schedule, output_dir, planner, credits
+            )
+
+    outcomes = await asyncio.gather(*(run(i, item) for i, item in enumerate(items)))
+    summary = BatchSummary(
+        delivered=sum(o.status == "delivered" for o in outcomes),
+        failed=sum(o.status == "failed" for o in outcomes),
+        over_budget=sum(o.status == "over_budget" for o in outcomes),
+        credit_budget=credit_budget,
+        credits_used=sum(o.credits_used for o in outcomes),
+        requests=limiter.granted_total - granted_before,
+        seconds=round(time.monotonic() - started, 3),
+        items=list(outcomes),
+    )
+    await _publish(summary)
+    logger.info(
+        "batch done: %d delivered, %d failed, %d over budget; %d credits, %d requests",
+        summary.delivered,
+        summary.failed,
+        summary.over_budget,
+        summary.credits_used,
+        summary.requests,
+    )
+    if summary.delivered == 0 and summary.failed:
+        codes = Counter(o.error_code for o in outcomes if o.status == "failed")
+        reasons = ", ".join(f"{code} x{count}" for code, count in codes.most_common())
+        raise RuntimeError(
+            f"no video of the batch was delivered ({summary.failed} failed: {reasons}; "
+            f"{summary.over_budget} over budget); see the batch-summary artifact"
+        )
+    return summary
+
+
+async def _run_item(
+    index: int,
+    item: BatchItem,
+    key: str,
+    schedule: WatchSchedule,
+    output_dir: str,
+    planner: BudgetPlanner,
+    credits: CreditBudget,
+) -> ItemOutcome:
+    """One item's pipeline; whatever goes wrong is its outcome, never the batch's."""
+    logger = get_run_logger()
+    outcome = ItemOutcome(index=index, item=item.label, status="failed", price=item.price)
+    if not credits.reserve(item.price):
+        logger.warning(
+            "item %d (%s) not submitted: %d credits would exceed the budget of %s (%d committed)",
+            index,
+            item.label,
+            item.price,
+            credits.limit,
+            credits.committed,
+        )
+        return outcome.model_copy(update={"status": "over_budget"})
+    started = time.monotonic()
+    prompt_credits = 0
+    watched: str | None = None  # the task id, once submitted and watched
+
+    def plan(task_id: str, submitted_at: float) -> CheckPlan:
+        nonlocal watched
+        watched = task_id
+        return planner.track(task_id, item.model_tier, item.duration, submitted_at)
+
+    try:
+        print_ = item.fingerprint()
+        earlier, attempt = await earlier_attempt(key, print_, schedule, output_dir)
+        if earlier is not None:
+            result = earlier
+        else:
+            prompt_seconds, text = 0.0, item.prompt or ""
+            if item.topic is not None:
+                generated = await generate_prompt(item.prompt_request())
+                prompt_credits = PROMPT_COST * generated.streams_charged
+                prompt_seconds, text = time.monotonic() - started, generated.text
+            result = await make_video(
+                item.options.with_prompt(text),
+                key,
+                print_,
+                attempt,
+                schedule,
+                output_dir,
+                prompt_seconds=prompt_seconds,
+                prompt_credits=prompt_credits,
+                plan=plan,
+                quiet=True,
+            )
+    except Exception as error:
+        # What was charged: the prompt, and the video once submitted (or maybe
+        # submitted), unless its generation failed, which NanoPhoto refunds.
+        charged = (watched is not None or isinstance(error, SubmitOutcomeUnknownError)) and not (
+            isinstance(error, GenerationFailedError)
+        )
+        spent = prompt_credits + (item.options.cost if charged else 0)
+        credits.settle(item.price, spent)
+        if watched is not None:
+            planner.finish(watched)
+        code = error.code if isinstance(error, NanoPhotoError) else type(error).__name__
+        logger.error("item %d (%s) failed: %s", index, item.label, error)
+        return outcome.model_copy(
+            update={
+                "task_id": watched,
+                "error_code": code,
+                "error": str(error)[:500],
+                "credits_used": spent,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        )
+    planner.finish(result.task_id, result.generation_time)
+    credits.settle(item.price, result.credits_used if earlier is None else 0)
+    return _delivered(outcome, result, time.monotonic() - started)
+
+
+def _delivered(outcome: ItemOutcome, result: VideoResult, seconds: float) -> ItemOutcome:
+    return outcome.model_copy(
+        update={
+            "status": "delivered",
+            "credits_used": result.credits_used,
+            "task_id": result.task_id,
+            "video_path": result.video_path,
+            "video_size": result.video_size,
+            "video_sha256": result.video_sha256,
+            "seconds": round(seconds, 3),
+        }
+    )
+
+
+@best_effort
+async def _publish(summary: BatchSummary) -> None:
+    """The table a person reads in the UI, and the same summary as JSON."""
+    rows = [
+        {
+            "#": o.index,
+            "item": o.item,
+            "status": o.status,
+            "credits": o.credits_used,
+            "task id": o.task_id or "",
+            "file": o.video_path or "",
+            "error": o.error_code or "",
+        }
+        for o in summary.items
+    ]
+    headline = (
+        f"{summary.delivered} delivered, {summary.failed} failed, "
+        f"{summary.over_budget} over budget; {summary.credits_used} credits"
+        + (f" of {summary.credit_budget}" if summary.credit_budget is not None else "")
+        + f"; {summary.requests} API requests"
+    )
+    await acreate_table_artifact(table=rows, key="batch-summary", description=headline)
+    document = json.dumps(summary.model_dump(mode="json"), indent=2)
+    await acreate_markdown_artifact(
+        markdown=f"# Batch summary\n\n{headline}\n\n```json\n{document}\n```\n",
+        key="batch-summary-json",
+        description="The batch's JSON summary",
+    )

@@ -1,0 +1,109 @@
+"""The batch flow: isolation, credit budget, rate budget, reports, and reruns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.exceptions import ParameterTypeError
+
+from flows.batch import BatchItem, batch_of_videos
+from nanophoto.contract import ModelTier
+from nanophoto.simulator import DEFAULT_KEY
+from nanophoto.simulator.server import Simulator
+from nanophoto.watch import WatchSchedule
+from tasks.ratelimit import RATE_LIMIT_NAME, create_rate_limit
+from tests.conftest import MakeSimulator
+from tests.prefect.conftest import SESSION_RATE_LIMIT, use_simulator
+
+FAST = WatchSchedule().scaled(0.01)
+
+
+async def test_one_failure_never_fails_the_others_and_the_budget_holds(
+    api: Simulator, tmp_path: Path
+) -> None:
+    items = [
+        BatchItem(topic="A fox at dawn"),  # 2 + 4
+        BatchItem(prompt="A lighthouse in a storm", duration=15),  # 8
+        BatchItem(topic="A city at night", model_tier=ModelTier.PRO_STANDARD),  # 2 + 60: over
+        BatchItem(prompt="Waves on a black beach"),  # 4
+    ]
+    # The first video submitted fails server-side: NanoPhoto refunds it.
+    api.queue_fault("generate", "generation_failed")
+    summary = await batch_of_videos(
+        items=items,
+        credit_budget=30,
+        max_in_flight=1,  # in order, so which one fails is known
+        schedule=FAST,
+        output_dir=str(tmp_path),
+    )
+    statuses = [o.status for o in summary.items]
+    assert statuses == ["failed", "delivered", "over_budget", "delivered"]
+    assert summary.items[0].error_code == "GENERATION_FAILED"
+    assert summary.items[0].credits_used == 2  # the prompt; the video was refunded
+    assert (summary.delivered, summary.failed, summary.over_budget) == (2, 1, 1)
+    ledger = api.snapshot()
+    # The item over budget was never sent: not its prompt, not its submit.
+    assert ledger["submits"] == 3
+    assert ledger["requests"][DEFAULT_KEY]["generate-prompt"] == 1
+    credits = ledger["credits"][DEFAULT_KEY]
+    assert credits["charged"] - credits["refunded"] == summary.credits_used == 2 + 8 + 4
+    assert ledger["rate_limited"] == {}
+    for outcome in summary.items:
+        if outcome.status == "delivered":
+            assert outcome.video_path is not None
+            saved = Path(outcome.video_path)
+            assert saved.name == f"{outcome.task_id}.mp4"
+            assert saved.stat().st_size == outcome.video_size
+    assert summary.requests == ledger["total_requests"]
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["batch-summary"]))
+        )
+    assert artifacts
+    assert artifacts[0].type == "table"
+
+
+async def test_a_bad_item_is_refused_by_index_before_anything_is_paid(api: Simulator) -> None:
+    items = [
+        {"topic": "A fox at dawn"},
+        {"prompt": "A cat", "mode": "imageToVideo"},  # no images
+    ]
+    with pytest.raises(ParameterTypeError, match=r"items\.1: .*image_urls"):
+        await batch_of_videos(items=items, schedule=FAST, output_dir="")  # type: ignore[arg-type]
+    with pytest.raises(ParameterTypeError, match="topic or a prompt"):
+        await batch_of_videos(items=[{"technique": "pov"}], schedule=FAST)  # type: ignore[list-item]
+    assert api.snapshot()["total_requests"] == 0
+
+
+async def test_the_shared_limit_must_exist(api: Simulator) -> None:
+    async with get_client() as client:
+        await client.delete_global_concurrency_limit_by_name(RATE_LIMIT_NAME)
+    try:
+        with pytest.raises(RuntimeError, match="RATE_LIMIT_MISSING"):
+            await batch_of_videos(
+                items=[BatchItem(prompt="A cat on a piano")], schedule=FAST, output_dir=""
+            )
+    finally:
+        await create_rate_limit(SESSION_RATE_LIMIT)
+    assert api.snapshot()["total_requests"] == 0
+
+
+async def test_a_tight_budget_is_never_exceeded_and_binds_the_checks(
+    make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # 30 requests per compressed hour (10.8 s), generations of 1.2-4.8 s.
+    simulator = make_simulator(rate_limit=30, seed=3)
+    use_simulator(simulator, monkeypatch)
+    items = [BatchItem(prompt=f"Scene {i}: a paper boat in the rain") for i in range(12)]
+    summary = await batch_of_videos(
+        items=items, max_in_flight=6, schedule=FAST, output_dir=str(tmp_path)
+    )
+    ledger = simulator.snapshot()
+    assert ledger["rate_limited"] == {}
+    assert summary.delivered == 12
+    # Checks went where videos were done: close to one per video.
+    checks = ledger["requests"][DEFAULT_KEY]["check-status"]
+    assert checks <= 12 * 1.5, checks

@@ -71,20 +71,31 @@ def _tree(pid: int) -> list[int]:
 
 
 def tree_usage(pid: int | None = None) -> dict[str, float]:
-    """CPU seconds and peak resident memory (MiB) of a process and its descendants."""
+    """CPU seconds and peak resident memory (MiB) of a process and its descendants.
+
+    The descendants of a flow process are the embedded Prefect server.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
-    cpu, peak = 0.0, 0.0
-    for member in _tree(pid or os.getpid()):
+    cpu, peak, own = 0.0, 0.0, 0.0
+    root = pid or os.getpid()
+    for member in _tree(root):
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
             status = Path(f"/proc/{member}/status").read_text()
         except OSError:
             continue
-        cpu += (int(fields[11]) + int(fields[12])) / ticks
+        used = (int(fields[11]) + int(fields[12])) / ticks
+        cpu += used
+        own += used if member == root else 0.0
         for line in status.splitlines():
             if line.startswith("VmHWM:"):
                 peak += int(line.split()[1]) / 1024
-    return {"cpu_seconds": round(cpu, 2), "peak_mib": round(peak, 1)}
+    return {
+        "cpu_seconds": round(cpu, 2),
+        "cpu_seconds_flow_process": round(own, 2),
+        "cpu_seconds_prefect_server": round(cpu - own, 2),
+        "peak_mib": round(peak, 1),
+    }
 
 
 # --- the two sides, each in its own process -------------------------------------------
@@ -313,6 +324,9 @@ def scale_run(videos: int, time_scale: float, logs: Path) -> dict[str, Any]:
         "requests": ledger["total_requests"],
         "http_429": sum(ledger["rate_limited"].values()),
         "cpu_seconds": result["cpu_seconds"],
+        "cpu_seconds_flow_process": result["cpu_seconds_flow_process"],
+        "cpu_seconds_prefect_server": result["cpu_seconds_prefect_server"],
+        "cpu_cores_busy": round(result["cpu_seconds"] / result["elapsed"], 2),
         "peak_mib": result["peak_mib"],
     }
 

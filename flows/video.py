@@ -46,6 +46,7 @@ from nanophoto.models import (
 )
 from nanophoto.storage import VideoStore
 from nanophoto.watch import CheckPlan, WatchSchedule, watch_video
+from tasks.credentials import open_client
 from tasks.observe import WaitProgress, emit_video_event, publish_prompt, publish_video
 from tasks.submissions import (
     IdempotencyKey,
@@ -385,8 +386,9 @@ async def finish_video(
     """Watch a submitted video until it is final, then download it.
 
     Checks follow ``schedule``, or ``plan`` when a batch times them by its
-    budget. ``quiet`` leaves out the per-video progress and link artifacts
-    (a batch reports its videos in one table instead).
+    budget. ``quiet`` leaves out the per-video progress and link artifacts,
+    and makes checks plain client calls rather than task runs (a batch
+    reports its videos in one table instead).
     """
     logger = get_run_logger()
     task_id = submitted.task_id
@@ -405,7 +407,19 @@ async def finish_video(
 
     status = submitted
     try:
-        if status.is_running:
+        if status.is_running and quiet:
+            # A batch's checks are plain calls on one client, not task runs: at
+            # hundreds of videos, a task run per check is most of the CPU.
+            async with open_client() as client:
+                status = await watch_video(
+                    task_id,
+                    client.check_status,
+                    schedule,
+                    submitted_at=submitted_at,
+                    on_transient_error=note_transient,
+                    plan=None if plan is None else plan(task_id, submitted_at),
+                )
+        elif status.is_running:
             status = await watch_video(
                 task_id,
                 check,

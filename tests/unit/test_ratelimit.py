@@ -6,7 +6,10 @@ import asyncio
 
 import pytest
 
+from nanophoto.client import NanoPhotoClient
+from nanophoto.models import VideoRequest
 from nanophoto.ratelimit import Priority, RequestLimiter
+from tests.conftest import MakeSimulator, settings_for
 
 
 class FakeTime:
@@ -106,3 +109,21 @@ def test_bad_budgets_are_refused_naming_the_field() -> None:
         RequestLimiter(0, 10.0)
     with pytest.raises(ValueError, match="window"):
         RequestLimiter(1, 0.0)
+
+
+async def test_every_attempt_takes_a_slot_so_the_key_never_sees_a_429(
+    make_simulator: MakeSimulator,
+) -> None:
+    # 4 requests per compressed hour (0.36 s): our limiter waits instead of the server refusing.
+    simulator = make_simulator(rate_limit=4, rate_window_seconds=36.0)
+    settings = settings_for(simulator)
+    window = simulator.config.real(simulator.config.rate_window_seconds)
+    limiter = RequestLimiter(4, window)
+    async with NanoPhotoClient(settings=settings, limiter=limiter) as client:
+        submitted = await client.submit(VideoRequest(prompt="A fox at dawn"))
+        simulator.queue_fault("check-status", "internal_error")  # one retry: a request too
+        for _ in range(6):
+            await asyncio.wait_for(client.check_status(submitted.task_id), timeout=10)
+    ledger = simulator.snapshot()
+    assert ledger["rate_limited"] == {}
+    assert ledger["total_requests"] == limiter.granted_total == 1 + 6 + 1

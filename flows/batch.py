@@ -139,7 +139,7 @@ class ItemOutcome(BaseModel):
     item: str
     status: ItemStatus
     price: int
-    credits_used: int = 0
+    credits_used: int = 0  # what this run spent on it (an earlier run's video: 0)
     task_id: str | None = None
     video_path: str | None = None
     video_size: int | None = None
@@ -301,16 +301,23 @@ async def _run_item(
         return outcome.model_copy(update={"status": "over_budget"})
     started = time.monotonic()
     prompt_credits = 0
-    watched: str | None = None  # the task id, once submitted and watched
+    paid: str | None = None  # the task id, once this run submitted it
+    watched: str | None = None  # the task id, once watched (this run's or an earlier one)
 
     def plan(task_id: str, submitted_at: float) -> CheckPlan:
         nonlocal watched
         watched = task_id
         return planner.track(task_id, item.model_tier, item.duration, submitted_at)
 
+    def submitted(task_id: str) -> None:
+        nonlocal paid, watched
+        paid = watched = task_id
+
     try:
         print_ = item.fingerprint()
-        earlier, attempt = await earlier_attempt(key, print_, schedule, output_dir)
+        earlier, attempt = await earlier_attempt(
+            key, print_, schedule, output_dir, plan=plan, quiet=True
+        )
         if earlier is not None:
             result = earlier
         else:
@@ -330,11 +337,12 @@ async def _run_item(
                 prompt_credits=prompt_credits,
                 plan=plan,
                 quiet=True,
+                on_submitted=submitted,
             )
     except Exception as error:
         # What was charged: the prompt, and the video once submitted (or maybe
         # submitted), unless its generation failed, which NanoPhoto refunds.
-        charged = (watched is not None or isinstance(error, SubmitOutcomeUnknownError)) and not (
+        charged = (paid is not None or isinstance(error, SubmitOutcomeUnknownError)) and not (
             isinstance(error, GenerationFailedError)
         )
         spent = prompt_credits + (item.options.cost if charged else 0)
@@ -353,15 +361,18 @@ async def _run_item(
             }
         )
     planner.finish(result.task_id, result.generation_time)
-    credits.settle(item.price, result.credits_used if earlier is None else 0)
-    return _delivered(outcome, result, time.monotonic() - started)
+    spent = result.credits_used if earlier is None else 0  # an earlier run paid for it
+    credits.settle(item.price, spent)
+    return _delivered(outcome, result, spent, time.monotonic() - started)
 
 
-def _delivered(outcome: ItemOutcome, result: VideoResult, seconds: float) -> ItemOutcome:
+def _delivered(
+    outcome: ItemOutcome, result: VideoResult, spent: int, seconds: float
+) -> ItemOutcome:
     return outcome.model_copy(
         update={
             "status": "delivered",
-            "credits_used": result.credits_used,
+            "credits_used": spent,
             "task_id": result.task_id,
             "video_path": result.video_path,
             "video_size": result.video_size,

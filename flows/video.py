@@ -237,7 +237,13 @@ async def resume_video(
 
 
 async def earlier_attempt(
-    key: str, print_: str, schedule: WatchSchedule, output_dir: str
+    key: str,
+    print_: str,
+    schedule: WatchSchedule,
+    output_dir: str,
+    *,
+    plan: PlanFactory | None = None,
+    quiet: bool = False,
 ) -> tuple[VideoResult | None, int]:
     """What an earlier run with this idempotency key left behind.
 
@@ -289,6 +295,8 @@ async def earlier_attempt(
             submitted_at=time.monotonic(),
             prompt=record.prompt,
             expected_cost=record.cost,
+            plan=plan,
+            quiet=quiet,
         ),
         record.attempts,
     )
@@ -311,14 +319,20 @@ async def make_video(
     prompt_credits: int = 0,
     plan: PlanFactory | None = None,
     quiet: bool = False,
+    on_submitted: Callable[[str], None] | None = None,
 ) -> VideoResult:
-    """Submit once, then finish the video: the part every submitting flow shares."""
+    """Submit once, then finish the video: the part every submitting flow shares.
+
+    ``on_submitted`` hears the task id the moment the video is paid for.
+    """
     store = await SubmissionStore.default()
     record = store.new(key, "sending", print_, prompt=request.prompt, cost=request.cost)
     record = record.model_copy(update={"attempts": attempt})
     started = time.monotonic()
     submitted = await submit_video(record, request)
     submitted_at = time.monotonic()
+    if on_submitted is not None:
+        on_submitted(submitted.task_id)
     record = record.model_copy(update={"state": "submitted", "task_id": submitted.task_id})
     emit_video_event(
         "submitted",

@@ -20,7 +20,9 @@ orders waiting requests (submits first) and takes slots in batches.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 from typing import Final
 from uuid import UUID
 
@@ -30,14 +32,16 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
+from prefect.context import AsyncClientContext
 from prefect.exceptions import ObjectNotFound
 
-from nanophoto.errors import ConfigurationError
+from nanophoto.errors import ConfigurationError, NanoPhotoError
 from nanophoto.ratelimit import WINDOW_MARGIN, RequestLimiter
 from nanophoto.settings import NanoPhotoSettings
 
 RATE_LIMIT_NAME: Final = "nanophoto-api"
 _MIN_LEASE_S: Final = 60.0  # the Prefect server refuses shorter leases
+_API_RETRIES: Final = 6
 _logger = logging.getLogger("sora2.ratelimit")
 
 
@@ -45,6 +49,14 @@ class RateBudgetMissingError(ConfigurationError):
     """The global concurrency limit that shares the key's budget does not exist."""
 
     code = "RATE_LIMIT_MISSING"
+
+
+class RateBudgetUnavailableError(NanoPhotoError):
+    """The Prefect API that shares the budget cannot be reached; nothing was sent."""
+
+    code = "RATE_LIMIT_UNAVAILABLE"
+    may_have_started = False
+    retryable = True  # a watch tries again at its next check
 
 
 class PrefectRequestBudget:
@@ -63,12 +75,25 @@ class PrefectRequestBudget:
         return f"PrefectRequestBudget(name={self.name!r}, window={self.window:g})"
 
     async def acquire(self, count: int) -> None:
-        """Take ``count`` slots, waiting while the last window's requests fill the limit."""
+        """Take ``count`` slots (see ``_acquire``), with a Prefect client of our own."""
+        await asyncio.create_task(self._acquire(count), context=_own_client_context())
+
+    async def _acquire(self, count: int) -> None:
+        """Take ``count`` slots, waiting while the last window's requests fill the limit.
+
+        A Prefect API that fails for a moment is retried; one that stays down,
+        or a limit full for longer than a window (its slots orphaned, e.g. by a
+        server that lost its leases in a restart), raises a ``NanoPhotoError``
+        naming the cause, so no run waits forever.
+        """
         async with get_client() as client:
             limit = await self._read_limit(client)
             poll = min(max(self.window / limit / 4, 0.02), 5.0)
+            take = min(count, limit)
+            full_since: float | None = None
+            failures = 0
             while count > 0:
-                take = min(count, limit)
+                take = min(take, count)
                 try:
                     async with self._calls:
                         response = await client.increment_concurrency_slots_with_lease(
@@ -78,10 +103,22 @@ class PrefectRequestBudget:
                             lease_duration=max(self.window, _MIN_LEASE_S) + 5.0,
                         )
                 except httpx.HTTPStatusError as error:
-                    if error.response.status_code != 423:
+                    if error.response.status_code == 423:  # slots = requests of the last hour
+                        now = time.monotonic()
+                        full_since = full_since or now
+                        if now - full_since > self.window * 1.1 + _MIN_LEASE_S:
+                            raise self._stuck() from None
+                        take = 1  # never wait for several slots at once: others take them
+                        await asyncio.sleep(poll)
+                        continue
+                    if error.response.status_code < 500:
                         raise
-                    await asyncio.sleep(poll)  # every slot is a request of the last hour
+                    failures = await self._pause_after_failure(failures, error)
                     continue
+                except httpx.TransportError as error:
+                    failures = await self._pause_after_failure(failures, error)
+                    continue
+                full_since, failures = None, 0
                 answer = response.json()
                 lease_id = UUID(answer["lease_id"])
                 if not answer.get("limits"):  # deleted since we read it
@@ -90,6 +127,26 @@ class PrefectRequestBudget:
                     raise self._missing()
                 self._release_later(lease_id)
                 count -= take
+
+    async def _pause_after_failure(self, failures: int, error: Exception) -> int:
+        """Back off after a failed call to the Prefect API; give up after a few."""
+        if failures >= _API_RETRIES:
+            raise RateBudgetUnavailableError(
+                f"the Prefect API did not answer the request budget's call "
+                f"({type(error).__name__}) after {_API_RETRIES} retries"
+            ) from None
+        await asyncio.sleep(min(2.0**failures * 0.5, 10.0))
+        return failures + 1
+
+    def _stuck(self) -> RateBudgetMissingError:
+        return RateBudgetMissingError(
+            f"the global concurrency limit {self.name!r} has been full for longer than one "
+            "rate window, so its slots are held by requests that ended: a Prefect server "
+            "that keeps leases in memory loses them when it restarts. Free them with "
+            "`make deploy ARGS=--reset-rate-limit` (when no run is using the key), and "
+            "start the server with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="
+            "prefect.server.concurrency.lease_storage.filesystem (as `make server` does)."
+        )
 
     async def _read_limit(self, client: PrefectClient) -> int:
         if self._limit is None:
@@ -121,9 +178,23 @@ class PrefectRequestBudget:
             except Exception as error:  # the lease then expires on its own
                 _logger.debug("could not release lease %s: %s", lease_id, error)
 
-        task = asyncio.create_task(release(), name=f"release-{lease_id}")
+        task = asyncio.create_task(
+            release(), name=f"release-{lease_id}", context=_own_client_context()
+        )
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+
+
+def _own_client_context() -> contextvars.Context:
+    """This context, minus the run's Prefect client.
+
+    The limiter serves every flow run of the process; inside one run's
+    context, ``get_client()`` would hand out that run's client, closed when
+    the run ends while the limiter still needs one.
+    """
+    context = contextvars.copy_context()
+    context.run(AsyncClientContext.__var__.set, None)  # type: ignore[arg-type]
+    return context
 
 
 _limiters: dict[tuple[int, int, float], tuple[asyncio.AbstractEventLoop, RequestLimiter]] = {}

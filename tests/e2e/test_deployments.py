@@ -198,6 +198,7 @@ async def server_state() -> dict[str, Any]:
             "rate_limits": sorted(
                 (g.name, g.limit, g.slot_decay_per_second)
                 for g in await client.read_global_concurrency_limits()
+                if not g.name.startswith("deployment:")  # per-deployment limits
             ),
         }
 

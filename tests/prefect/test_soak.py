@@ -175,8 +175,9 @@ async def test_a_hundred_videos_under_faults_are_paid_once_and_accounted_for(
         faults.get(k, 0) for k in ("internal_error", "gateway_error", "gateway_error_after")
     )
     drops = faults.get("dropped_connection", 0) + faults.get("dropped_connection_after", 0)
-    assert server_errors / total >= 0.10
-    assert drops / total >= 0.05
+    # (Asked: 14% and 7%; these floors sit about 3 standard deviations below.)
+    assert server_errors / total >= 0.09
+    assert drops / total >= 0.035
     assert faults.get("rate_limited", 0) > 0
     assert sum(1 for t in ledger["tasks"] if t["status"] == "failed") >= 3
 

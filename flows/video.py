@@ -7,6 +7,7 @@ validated before the first call, so bad input costs nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -421,27 +422,21 @@ async def finish_video(
 
     status = submitted
     try:
-        if status.is_running and quiet:
-            # A batch's checks are plain calls on one client, not task runs: at
-            # hundreds of videos, a task run per check is most of the CPU.
-            async with open_client() as client:
+        if status.is_running:
+            async with contextlib.AsyncExitStack() as stack:
+                watch_check = check
+                if quiet:
+                    # A batch's checks are plain calls on one client, not task runs:
+                    # at hundreds of videos, a task run per check is most of the CPU.
+                    watch_check = (await stack.enter_async_context(open_client())).check_status
                 status = await watch_video(
                     task_id,
-                    client.check_status,
+                    watch_check,
                     schedule,
                     submitted_at=submitted_at,
                     on_transient_error=note_transient,
                     plan=None if plan is None else plan(task_id, submitted_at),
                 )
-        elif status.is_running:
-            status = await watch_video(
-                task_id,
-                check,
-                schedule,
-                submitted_at=submitted_at,
-                on_transient_error=note_transient,
-                plan=None if plan is None else plan(task_id, submitted_at),
-            )
         wait_seconds = time.monotonic() - submitted_at
         if status.is_failed or status.video_url is None:
             refund = f"its {expected_cost} credits" if expected_cost is not None else "its credits"

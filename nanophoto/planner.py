@@ -31,6 +31,7 @@ Until a tier and duration has 30, the contract's 120-480 s is mixed in.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import time
 from collections import defaultdict, deque
@@ -57,11 +58,22 @@ class GenerationTimes:
         self._seen: dict[tuple[str, int], deque[float]] = defaultdict(
             lambda: deque(maxlen=_MAX_SAMPLES)
         )
+        # Sorted samples and their running sums per kind, until the next observation:
+        # the planner asks for every video in flight before every check.
+        self._sorted: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
 
     def observe(self, tier: str, duration: int, seconds: float) -> None:
         """Record one finished video's generation time."""
         if seconds > 0 and math.isfinite(seconds):
             self._seen[(str(tier), int(duration))].append(float(seconds))
+            self._sorted.clear()
+
+    def _sorted_with_sums(self, tier: str, duration: int) -> tuple[list[float], list[float]]:
+        key = (str(tier), int(duration))
+        if key not in self._sorted:
+            times = self.samples(tier, duration)
+            self._sorted[key] = (times, list(itertools.accumulate(times, initial=0.0)))
+        return self._sorted[key]
 
     def samples(self, tier: str, duration: int) -> list[float]:
         """Sorted times to predict from: this kind's, else every kind's, with the prior.
@@ -78,17 +90,19 @@ class GenerationTimes:
 
     def quantile(self, tier: str, duration: int, q: float, above: float = 0.0) -> float | None:
         """The ``q`` quantile of the times longer than ``above``; None if none is."""
-        times = self.samples(tier, duration)
-        rest = times[bisect.bisect_right(times, above) :]
-        if not rest:
+        times, _ = self._sorted_with_sums(tier, duration)
+        start = bisect.bisect_right(times, above)
+        count = len(times) - start
+        if not count:
             return None
-        return rest[min(len(rest) - 1, math.ceil(q * len(rest)) - 1)]
+        return times[start + min(count - 1, math.ceil(q * count) - 1)]
 
     def mean(self, tier: str, duration: int, above: float = 0.0) -> float:
         """Expected time, given that it is longer than ``above``."""
-        times = self.samples(tier, duration)
-        rest = [t for t in times if t > above]
-        return sum(rest) / len(rest) if rest else above
+        times, sums = self._sorted_with_sums(tier, duration)
+        start = bisect.bisect_right(times, above)
+        count = len(times) - start
+        return (sums[-1] - sums[start]) / count if count else above
 
 
 @dataclass

@@ -36,10 +36,8 @@ bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); abou
 sim: $(VENV)/.installed ## The simulator on port 8765, 100x faster than real time.
 	$(PY) -m nanophoto.simulator --port 8765 --time-scale 0.01
 
-server: $(VENV)/.installed ## A local Prefect server with its UI on http://127.0.0.1:4200.
-	# Leases on disk: a restart must not orphan the nanophoto-api limit's slots.
-	PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem \
-	  $(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+server: $(VENV)/.installed ## A local Prefect server with its UI on http://127.0.0.1:$(PREFECT_PORT) (leases on disk).
+	$(PY) -m deployments.server --host 127.0.0.1 --port $(PREFECT_PORT)
 
 deploy: $(VENV)/.installed ## Prepare the configured Prefect server and deploy prefect.yaml (idempotent).
 	$(PY) -m deployments.setup $(ARGS)

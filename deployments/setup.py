@@ -149,15 +149,24 @@ async def restore_schedule_states(before: dict[tuple[UUID, str], bool]) -> None:
             for schedule in deployment.schedules:
                 was = before.get((deployment.id, schedule.slug or ""))
                 if was is not None and was != schedule.active:
-                    await client.update_deployment_schedule(deployment.id, schedule.id, active=was)
+                    # The server stores every field of the update, and an update
+                    # without parameters erases them: send the schedule's own.
+                    await client.update_deployment_schedule(
+                        deployment.id,
+                        schedule.id,
+                        active=was,
+                        parameters=dict(schedule.parameters),
+                    )
                     state = "on" if was else "off"
                     say(f"kept schedule {deployment.name}/{schedule.slug} {state}")
 
 
-def deploy_all() -> None:
+def deploy_all(prefect_file: Path | None = None) -> None:
     """``prefect deploy --all`` without prompts, from the project folder."""
     prefect = Path(sys.executable).with_name("prefect")
     command = [str(prefect), "--no-prompt", "deploy", "--all"]
+    if prefect_file is not None:
+        command += ["--prefect-file", str(prefect_file.resolve())]
     say("deploying everything in prefect.yaml")
     subprocess.run(command, cwd=PROJECT_DIR, check=True)
 
@@ -197,12 +206,18 @@ def main(argv: list[str] | None = None) -> int:
         "in memory; only when no run is using the key)",
     )
     parser.add_argument("--no-deploy", action="store_true", help="prepare only")
+    parser.add_argument(
+        "--prefect-file",
+        type=Path,
+        default=None,
+        help="deploy this file instead of the project's prefect.yaml",
+    )
     args = parser.parse_args(argv)
     say(f"Prefect server: {require_api_url()}")
     asyncio.run(prepare(args))
     if not args.no_deploy:
         before = asyncio.run(schedule_states())
-        deploy_all()
+        deploy_all(args.prefect_file)
         asyncio.run(restore_schedule_states(before))
     say("done")
     return 0

@@ -84,6 +84,13 @@ async def _serve(config: SimulatorConfig, args: argparse.Namespace) -> None:
         ),
         flush=True,
     )
+    key = sorted(config.keys)[0]
+    print(
+        f"point sora2 and the Prefect workers at it: export NANOPHOTO_BASE_URL="
+        f"{simulator.base_url} NANOPHOTO_API_KEY={key} NANOPHOTO_TIME_SCALE={config.time_scale:g}",
+        file=sys.stderr,
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -29,6 +29,7 @@ class VideoTask:
     final_status: str | None = None
     reported_at: float | None = None
     status_checks: int = 0
+    checked_at: list[float] = field(default_factory=list)
 
     def as_dict(self, origin: float, time_scale: float) -> dict[str, Any]:
         """A JSON-ready record; times in simulated seconds since ``origin``."""
@@ -56,6 +57,8 @@ class VideoTask:
             "reported_at": simulated(self.reported_at),
             "detection_delay": delay,
             "status_checks": self.status_checks,
+            # When each answered check came, in simulated seconds after the submit.
+            "checks_at": [round((t - self.submitted_at) / time_scale, 3) for t in self.checked_at],
         }
 
 

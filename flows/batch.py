@@ -21,7 +21,7 @@ from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flows.video import earlier_attempt, make_video
+from flows.video import RESULTS, earlier_attempt, make_video
 from nanophoto.contract import (
     DEFAULT_ASPECT_RATIO,
     DEFAULT_DURATION,
@@ -51,7 +51,7 @@ from nanophoto.models import (
 from nanophoto.planner import BudgetPlanner
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import CheckPlan, WatchSchedule
-from tasks.observe import best_effort
+from tasks.observe import BatchProgress, best_effort
 from tasks.ratelimit import shared_limiter
 from tasks.submissions import IdempotencyKey, fingerprint, resolve_idempotency_key
 from tasks.video import generate_prompt
@@ -64,16 +64,55 @@ class BatchItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    topic: Topic | None = Field(None, description="What the video is about (or give a prompt).")
-    prompt: PromptText | None = Field(None, description="A ready video prompt (or give a topic).")
-    technique: Technique = Field(DEFAULT_TECHNIQUE, description="For a topic's prompt.")
-    locale: Locale = Field(DEFAULT_LOCALE, description="For a topic's prompt.")
-    prompt_model: ModelName = Field(DEFAULT_PROMPT_MODEL, description="For a topic's prompt.")
-    mode: Mode = DEFAULT_MODE
-    image_urls: ImageUrls = Field(default_factory=list)
-    model_tier: ModelTier = DEFAULT_TIER
-    aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
-    duration: Duration = DEFAULT_DURATION
+    topic: Topic | None = Field(
+        None,
+        title="Topic",
+        description="What the video is about: 1 to 500 characters, not only spaces "
+        "(or give a prompt instead).",
+    )
+    prompt: PromptText | None = Field(
+        None,
+        title="Prompt",
+        description="A ready video prompt, not only spaces (or give a topic instead).",
+    )
+    technique: Technique = Field(
+        DEFAULT_TECHNIQUE,
+        title="Technique",
+        description="The cinematic technique the prompt builds the shots around (topics only).",
+    )
+    locale: Locale = Field(
+        DEFAULT_LOCALE,
+        title="Locale",
+        description="The language the prompt is written in (topics only).",
+    )
+    prompt_model: ModelName = Field(
+        DEFAULT_PROMPT_MODEL,
+        title="Prompt model",
+        description="The model that writes the prompt (topics only).",
+    )
+    mode: Mode = Field(
+        DEFAULT_MODE,
+        title="Mode",
+        description="textToVideo, or imageToVideo to start from reference images.",
+    )
+    image_urls: ImageUrls = Field(
+        default_factory=list,
+        title="Image URLs",
+        description="Up to 3 public image addresses starting with http:// or https:// (no "
+        "file paths, data: URLs or base64); required for imageToVideo.",
+    )
+    model_tier: ModelTier = Field(
+        DEFAULT_TIER,
+        title="Model tier",
+        description="sora2 (cheapest, fastest), sora2-pro-standard (720p) or "
+        "sora2-pro-high (1080p).",
+    )
+    aspect_ratio: AspectRatio = Field(
+        DEFAULT_ASPECT_RATIO, title="Aspect ratio", description="portrait or landscape."
+    )
+    duration: Duration = Field(
+        DEFAULT_DURATION, title="Duration", description="Video length in seconds, 10 or 15."
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> Self:
@@ -182,11 +221,19 @@ class CreditBudget:
 
 
 def _batch_run_name() -> str:
-    count = len(flow_run.parameters.get("items") or [])
-    return f"batch: {count} video{'s' if count != 1 else ''}"
+    """``batch of 3: A paper boat in a rain gutter…``: the first item tells batches apart."""
+    items = flow_run.parameters.get("items") or []
+    first = items[0] if items else {}
+    if isinstance(first, BaseModel):
+        first = first.model_dump()
+    text = ""
+    if isinstance(first, dict):
+        text = " ".join(str(first.get("topic") or first.get("prompt") or "").split())
+    label = text[:50] + ("…" if len(text) > 50 else "")
+    return f"batch of {len(items)}: {label}" if label else f"batch of {len(items)}"
 
 
-@flow(name="batch-of-videos", flow_run_name=_batch_run_name)
+@flow(name="batch-of-videos", flow_run_name=_batch_run_name, **RESULTS)
 async def batch_of_videos(
     items: list[BatchItem],
     credit_budget: int | None = None,
@@ -210,8 +257,9 @@ async def batch_of_videos(
             timed by the generation times seen so far.
         output_dir: Folder on the worker, or an fsspec URL (s3://bucket/videos), to save
             the videos in, named by task id; empty to skip downloads.
-        batch_key: Runs with the same key make each item's video once, paid once (item
-            n's key is "<batch_key>:n"). Empty: this flow run's id.
+        batch_key: Runs with the same key make each item's video once, paid once
+            (item n's key is the batch key followed by ":n"). 1 to 200 letters,
+            digits and the characters _ . : - (no spaces). Empty: this flow run's id.
 
     Returns:
         Counts, credits, requests, and each item's outcome (task id, file, checksum,
@@ -224,6 +272,7 @@ async def batch_of_videos(
         raise ValueError("credit_budget: must be 0 or more (empty for no budget)")
     key = resolve_idempotency_key(batch_key)
     settings = NanoPhotoSettings()
+    schedule = schedule.on_clock(settings.time_scale)
     topics = sum(item.topic is not None for item in items)
     planner = BudgetPlanner(
         schedule,
@@ -240,14 +289,28 @@ async def batch_of_videos(
     limiter = shared_limiter(settings)
     granted_before = limiter.granted_total
 
+    progress = BatchProgress(len(items), schedule.expected_generation)
+
     async def run(index: int, item: BatchItem) -> ItemOutcome:
         async with slots:
             planner.queued -= 1
-            return await _run_item(
-                index, item, f"{key}:{index}", schedule, output_dir, planner, credits
+            outcome = await _run_item(
+                index, item, f"{key}:{index}", schedule, output_dir, planner, credits, progress
             )
+        progress.finished(index, outcome.status)
+        await progress.show()
+        return outcome
 
-    outcomes = await asyncio.gather(*(run(i, item) for i, item in enumerate(items)))
+    async def keep_progress_moving() -> None:
+        while True:
+            await progress.show()
+            await asyncio.sleep(progress.tick_seconds)
+
+    ticker = asyncio.create_task(keep_progress_moving())
+    try:
+        outcomes = await asyncio.gather(*(run(i, item) for i, item in enumerate(items)))
+    finally:
+        ticker.cancel()
     summary = BatchSummary(
         delivered=sum(o.status == "delivered" for o in outcomes),
         failed=sum(o.status == "failed" for o in outcomes),
@@ -285,6 +348,7 @@ async def _run_item(
     output_dir: str,
     planner: BudgetPlanner,
     credits: CreditBudget,
+    progress: BatchProgress,
 ) -> ItemOutcome:
     """One item's pipeline; whatever goes wrong is its outcome, never the batch's."""
     logger = get_run_logger()
@@ -307,6 +371,7 @@ async def _run_item(
     def plan(task_id: str, submitted_at: float) -> CheckPlan:
         nonlocal watched
         watched = task_id
+        progress.watching(index, submitted_at)
         return planner.track(task_id, item.model_tier, item.duration, submitted_at)
 
     def submitted(task_id: str) -> None:

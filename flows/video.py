@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -23,6 +23,7 @@ from nanophoto.contract import (
     DEFAULT_PROMPT_MODEL,
     DEFAULT_TECHNIQUE,
     DEFAULT_TIER,
+    PROCESSING,
     PROMPT_COST,
     AspectRatio,
     Duration,
@@ -45,8 +46,9 @@ from nanophoto.models import (
     VideoResult,
     VideoStatus,
 )
+from nanophoto.settings import NanoPhotoSettings
 from nanophoto.storage import VideoStore
-from nanophoto.watch import CheckPlan, WatchSchedule, watch_video
+from nanophoto.watch import CheckPlan, ResumeSchedule, WatchSchedule, watch_video
 from tasks.credentials import open_client
 from tasks.observe import WaitProgress, emit_video_event, publish_prompt, publish_video
 from tasks.submissions import (
@@ -60,6 +62,21 @@ from tasks.video import check_video_status, download_video, generate_prompt, sub
 
 # (task id, submitted at) -> when to make each check of that video
 PlanFactory = Callable[[str, float], CheckPlan]
+# Each run's result is kept in result storage (it holds no secret): readable from the
+# API after the run (run_deployment, the UI), and still there when a retried state
+# change makes the server answer with its own copy of the state. Prefect's default
+# serializer: its JSON one hands a pydantic result back as a plain dict.
+RESULTS: Final[dict[str, Any]] = {"persist_result": True}
+
+
+def on_our_clock(schedule: WatchSchedule) -> WatchSchedule:
+    """The run form's schedule (NanoPhoto's seconds) on this worker's clock.
+
+    ``NANOPHOTO_TIME_SCALE`` is 1 against the real API; against a
+    time-compressed simulator (``make sim``: 0.01) the same form values run
+    100 times faster, so the UI's defaults work against the sandbox too.
+    """
+    return schedule.on_clock(NanoPhotoSettings().time_scale)
 
 
 def _run_name(prefix: str, parameter: str) -> str:
@@ -80,7 +97,7 @@ def _resume_run_name() -> str:
     return _run_name("resume", "task_id")
 
 
-@flow(name="topic-to-video", flow_run_name=_topic_run_name)
+@flow(name="topic-to-video", flow_run_name=_topic_run_name, **RESULTS)
 async def topic_to_video(
     topic: Topic,
     technique: Technique = DEFAULT_TECHNIQUE,
@@ -98,13 +115,14 @@ async def topic_to_video(
     """Turn a topic into a finished Sora 2 video: prompt, submit, wait, download.
 
     Args:
-        topic: What the video is about, 1 to 500 characters.
+        topic: What the video is about: 1 to 500 characters, not only spaces.
         technique: The cinematic technique the shots are built around.
         duration: Video length in seconds, 10 or 15.
         locale: Language the prompt is written in: en, zh, zh-TW, ja, ko, es, fr, de, pt,
             ru or ar.
         mode: textToVideo, or imageToVideo to start from reference images.
-        image_urls: Up to 3 public http(s) image URLs; required for imageToVideo.
+        image_urls: Up to 3 public image addresses starting with http:// or https://
+            (no file paths, data: URLs or base64); required for imageToVideo.
         model_tier: sora2 (4/8 credits), sora2-pro-standard (60/100, 720p) or
             sora2-pro-high (120/240, 1080p), for 10/15 seconds.
         aspect_ratio: portrait or landscape.
@@ -115,6 +133,7 @@ async def topic_to_video(
             save the video in, named by its task id; empty to skip the download.
         idempotency_key: Runs with the same key make one video, paid once: a
             rerun resumes the video already submitted instead of paying again.
+            1 to 200 letters, digits and the characters _ . : - (no spaces).
             Empty: this flow run's id (so a retry of this run resumes it).
 
     Returns:
@@ -136,6 +155,7 @@ async def topic_to_video(
         aspect_ratio=aspect_ratio,
         video_duration=duration,
     )
+    schedule = on_our_clock(schedule)
     key = resolve_idempotency_key(idempotency_key)
     source = prompt_request.model_dump(mode="json", exclude={"mode", "image_urls"})
     print_ = fingerprint(options, {"topic": source})
@@ -158,7 +178,7 @@ async def topic_to_video(
     )
 
 
-@flow(name="prompt-to-video", flow_run_name=_prompt_run_name)
+@flow(name="prompt-to-video", flow_run_name=_prompt_run_name, **RESULTS)
 async def prompt_to_video(
     prompt: PromptText,
     mode: Mode = DEFAULT_MODE,
@@ -173,9 +193,11 @@ async def prompt_to_video(
     """Turn a ready prompt into a finished Sora 2 video: submit, wait, download.
 
     Args:
-        prompt: The video prompt, as written by you or the prompt generator.
+        prompt: The video prompt, as written by you or the prompt generator; not
+            only spaces.
         mode: textToVideo, or imageToVideo to start from reference images.
-        image_urls: Up to 3 public http(s) image URLs; required for imageToVideo.
+        image_urls: Up to 3 public image addresses starting with http:// or https://
+            (no file paths, data: URLs or base64); required for imageToVideo.
         model_tier: sora2 (4/8 credits), sora2-pro-standard (60/100, 720p) or
             sora2-pro-high (120/240, 1080p), for 10/15 seconds.
         aspect_ratio: portrait or landscape.
@@ -186,6 +208,7 @@ async def prompt_to_video(
             save the video in, named by its task id; empty to skip the download.
         idempotency_key: Runs with the same key make one video, paid once: a
             rerun resumes the video already submitted instead of paying again.
+            1 to 200 letters, digits and the characters _ . : - (no spaces).
             Empty: this flow run's id (so a retry of this run resumes it).
 
     Returns:
@@ -199,6 +222,7 @@ async def prompt_to_video(
         aspect_ratio=aspect_ratio,
         video_duration=video_duration,
     )
+    schedule = on_our_clock(schedule)
     key = resolve_idempotency_key(idempotency_key)
     print_ = fingerprint(request, {"prompt": request.prompt})
     earlier, attempt = await earlier_attempt(key, print_, schedule, output_dir)
@@ -208,10 +232,10 @@ async def prompt_to_video(
     return await make_video(request, key, print_, attempt, schedule, output_dir)
 
 
-@flow(name="resume-video", flow_run_name=_resume_run_name)
+@flow(name="resume-video", flow_run_name=_resume_run_name, **RESULTS)
 async def resume_video(
     task_id: TaskIdText,
-    schedule: WatchSchedule = WatchSchedule(initial_delay=0),
+    schedule: ResumeSchedule = ResumeSchedule(),
     output_dir: str = "videos",
 ) -> VideoResult:
     """Finish a video that was already submitted: watch it, download it, report it.
@@ -220,7 +244,8 @@ async def resume_video(
     is submitted, so nothing is charged.
 
     Args:
-        task_id: The NanoPhoto task id of the submitted video.
+        task_id: The NanoPhoto task id of the submitted video (as task_abc123:
+            letters, digits and the characters _ . -).
         schedule: When to check, in seconds from now: first check (0: at once),
             interval, and when to stop watching.
         output_dir: Folder on the worker, or an fsspec URL (s3://bucket/videos), to
@@ -230,8 +255,8 @@ async def resume_video(
         The task id, video URL and file, credits used and stage timings.
     """
     return await finish_video(
-        VideoStatus(task_id=task_id, status="processing"),
-        schedule,
+        VideoStatus(task_id=task_id, status=PROCESSING),
+        on_our_clock(schedule),
         output_dir,
         submitted_at=time.monotonic(),
     )
@@ -290,7 +315,7 @@ async def earlier_attempt(
         await finish_and_record(
             store,
             record,
-            VideoStatus(task_id=record.task_id, status="processing"),
+            VideoStatus(task_id=record.task_id, status=PROCESSING),
             schedule.model_copy(update={"initial_delay": 0.0}),
             output_dir,
             submitted_at=time.monotonic(),
@@ -356,6 +381,7 @@ async def make_video(
         prompt_credits=prompt_credits,
         plan=plan,
         quiet=quiet,
+        paid_here=True,
     )
 
 
@@ -397,8 +423,12 @@ async def finish_video(
     prompt_credits: int = 0,
     plan: PlanFactory | None = None,
     quiet: bool = False,
+    paid_here: bool = False,
 ) -> VideoResult:
     """Watch a submitted video until it is final, then download it.
+
+    ``paid_here`` says whether this run paid for the video (else it was paid
+    at an earlier submit, and this run's report says it cost nothing here).
 
     Checks follow ``schedule``, or ``plan`` when a batch times them by its
     budget. ``quiet`` leaves out the per-video progress and link artifacts,
@@ -417,6 +447,14 @@ async def finish_video(
             await progress.update(time.monotonic() - submitted_at, status.status)
         return status
 
+    async def sleep(seconds: float) -> None:
+        """Wait for the next check, moving the progress bar as time passes."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(left if progress is None else min(left, progress.tick_seconds))
+            if progress is not None and end - time.monotonic() > 0:
+                await progress.update(time.monotonic() - submitted_at)
+
     def note_transient(error: NanoPhotoError) -> None:
         logger.warning("status check failed (%s); still watching %s", error, task_id)
 
@@ -434,6 +472,7 @@ async def finish_video(
                     watch_check,
                     schedule,
                     submitted_at=submitted_at,
+                    sleep=sleep,
                     on_transient_error=note_transient,
                     plan=None if plan is None else plan(task_id, submitted_at),
                 )
@@ -455,10 +494,11 @@ async def finish_video(
         # automation on it never misses one (a cancelled run is not a failure).
         code = error.code if isinstance(error, NanoPhotoError) else type(error).__name__
         emit_video_event("failed", task_id, error_code=code, error=str(error)[:1000])
-        raise
-    finally:
         if progress is not None:
-            await progress.finish(status.status)
+            await progress.finish(f"{status.status}: {code}", completed=False)
+        raise
+    if progress is not None:
+        await progress.finish(status.status, completed=True)
     credits = status.credits_used if status.credits_used is not None else expected_cost
     result = VideoResult(
         task_id=task_id,
@@ -475,7 +515,7 @@ async def finish_video(
         ),
     )
     if not quiet:
-        await publish_video(result)
+        await publish_video(result, paid_here=paid_here)
     emit_video_event(
         "completed",
         task_id,
@@ -484,10 +524,19 @@ async def finish_video(
         credits_used=result.credits_used,
         generation_time=result.generation_time,
     )
-    logger.info(
-        "video %s ready: %s credits, generated in %s s",
-        task_id,
-        result.credits_used,
-        result.generation_time,
-    )
+    if paid_here:
+        logger.info(
+            "video %s ready: %s credits, generated in %s s",
+            task_id,
+            result.credits_used,
+            result.generation_time,
+        )
+    else:
+        logger.info(
+            "video %s ready, generated in %s s: no credits spent by this run "
+            "(NanoPhoto charged %s at its submit)",
+            task_id,
+            result.generation_time,
+            result.video_credits,
+        )
     return result

@@ -104,6 +104,7 @@ def video_cost(tier: ModelTier | str, duration: int) -> int:
 
 
 RATE_LIMIT_PER_HOUR: Final = 100
+RATE_WINDOW_S: Final = 3600.0  # the limit counts requests over a sliding hour
 
 # NanoPhoto's timing advice: wait 120 s, then check every 20 s, up to 1200 s.
 INITIAL_STATUS_DELAY_S: Final = 120.0

@@ -22,9 +22,8 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Protocol
 
-from nanophoto.contract import RATE_LIMIT_PER_HOUR
+from nanophoto.contract import RATE_LIMIT_PER_HOUR, RATE_WINDOW_S
 
-RATE_WINDOW_S = 3600.0
 # Our clock starts a request a little before the server counts it; a window
 # this much longer keeps request N+1 out of request 1's hour on the server.
 WINDOW_MARGIN = 0.01

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Final
+from typing import Final, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nanophoto.contract import DEFAULT_BASE_URL, RATE_LIMIT_PER_HOUR
+from nanophoto.contract import DEFAULT_BASE_URL, RATE_LIMIT_PER_HOUR, RATE_WINDOW_S
 from nanophoto.errors import ConfigurationError, MissingAPIKeyError
 
 VIDEO_SKILL: Final = "sora-2-generate"
@@ -58,16 +58,17 @@ class NanoPhotoSettings(BaseSettings):
         "raised it); every process of ours stays under it.",
     )
     rate_window: float = Field(
-        default=3600.0,
+        default=RATE_WINDOW_S,
         gt=0,
-        description="The rate window in seconds (an hour; shorter only for a "
-        "time-compressed simulator).",
+        description="The rate window in seconds of our clock: an hour, times "
+        "time_scale unless set.",
     )
     time_scale: float = Field(
         default=1.0,
         gt=0,
-        description="Our seconds per second of the API's clock, to read its generationTime: "
-        "1, except against a time-compressed simulator.",
+        description="Our seconds per second of the API's clock: 1, except against a "
+        "time-compressed simulator (0.01 for `make sim`). Watch schedules and the rate "
+        "window are in the API's seconds and run this much faster.",
     )
     openclaw_file: Path = Field(
         default=OPENCLAW_FILE, description="The OpenClaw config holding skill keys."
@@ -76,15 +77,29 @@ class NanoPhotoSettings(BaseSettings):
     @field_validator("base_url")
     @classmethod
     def _https_unless_local(cls, url: str) -> str:
-        """The key travels in a header: only over https, or to this machine."""
-        parts = urlsplit(url)
-        local = parts.hostname in ("localhost", "::1") or (parts.hostname or "").startswith("127.")
-        if parts.scheme != "https" and not (parts.scheme == "http" and local):
-            raise ValueError(
-                f"must be an https URL (http only for localhost), not {url!r}: "
-                "the API key would travel in clear text"
-            )
-        return url
+        return check_base_url(url)
+
+    @model_validator(mode="after")
+    def _window_on_our_clock(self) -> Self:
+        """A compressed simulator's hour is compressed too, unless the window was set."""
+        if "rate_window" not in self.model_fields_set:
+            self.rate_window = RATE_WINDOW_S * self.time_scale
+        return self
+
+
+def check_base_url(url: str) -> str:
+    """The key travels in a header: only over https, or to this machine (loopback)."""
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    local = host in ("localhost", "::1") or host.startswith("127.")
+    if parts.scheme != "https" and not (parts.scheme == "http" and local):
+        raise ValueError(
+            f"must be an https URL, or http to this machine (localhost, 127.x.x.x, ::1), "
+            f"not {url!r}: the API key would travel in clear text"
+        )
+    if not host:
+        raise ValueError(f"must name a host, not {url!r}")
+    return url.strip()
 
 
 def _present(value: str | SecretStr | None) -> SecretStr | None:

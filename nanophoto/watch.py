@@ -46,8 +46,8 @@ class WatchSchedule(BaseModel):
         STATUS_CHECK_INTERVAL_S,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds between status checks. Each check counts against "
-        "the key's 100 requests an hour.",
+        description="Seconds between status checks (NanoPhoto advises 20). Each check "
+        "counts against the key's hourly request limit.",
     )
     max_wait: float = Field(
         MAX_WAIT_S,
@@ -62,6 +62,11 @@ class WatchSchedule(BaseModel):
         allow_inf_nan=False,
         description="How long a video usually takes, in seconds; it only draws the progress bar.",
     )
+
+    def on_clock(self, time_scale: float) -> WatchSchedule:
+        """This schedule on our clock: it is in NanoPhoto's seconds, and a
+        time-compressed simulator (``NANOPHOTO_TIME_SCALE``) runs them faster."""
+        return self if time_scale == 1 else self.scaled(time_scale)
 
     def scaled(self, factor: float) -> WatchSchedule:
         """The same rhythm, every duration multiplied by ``factor``."""
@@ -93,6 +98,25 @@ class WatchSchedule(BaseModel):
         if behind > 0:
             following += math.ceil(behind / self.interval - 1e-9)
         return following
+
+
+class ResumeSchedule(WatchSchedule):
+    """When to check a video submitted earlier, in seconds from now."""
+
+    initial_delay: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds from now before the first status check (0: at once, since "
+        "the video was submitted earlier).",
+    )
+    max_wait: float = Field(
+        MAX_WAIT_S,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds from now to stop watching. The video may still finish "
+        "later; it can be resumed again by its task id.",
+    )
 
 
 async def watch_video(

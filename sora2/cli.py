@@ -42,6 +42,7 @@ from nanophoto.contract import (
     DURATIONS,
     INITIAL_STATUS_DELAY_S,
     MAX_WAIT_S,
+    PROCESSING,
     STATUS_CHECK_INTERVAL_S,
     AspectRatio,
     Locale,
@@ -363,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         "variables it prints. Ctrl-C stops it.",
         epilog="Example:\n  sora2 sandbox --time-scale 0.01\n"
         "  NANOPHOTO_BASE_URL=http://127.0.0.1:8765 NANOPHOTO_API_KEY=sim-key \\\n"
-        "    sora2 submit --prompt 'A fox' --follow --initial-status-delay 1.2 "
-        "--status-check-interval 0.2",
+        "    NANOPHOTO_TIME_SCALE=0.01 sora2 submit --prompt 'A fox' --follow",
     )
     sandbox.add_argument("--port", type=int, default=8765)
     sandbox.add_argument("--time-scale", type=float, default=0.01)
@@ -401,6 +401,7 @@ def _settings(args: argparse.Namespace) -> NanoPhotoSettings:
 
 
 def _schedule(args: argparse.Namespace) -> WatchSchedule:
+    """The timing flags, in NanoPhoto's seconds (as a flow's schedule parameter)."""
     return _validated(
         lambda: WatchSchedule(
             initial_delay=args.initial_status_delay,
@@ -408,6 +409,12 @@ def _schedule(args: argparse.Namespace) -> WatchSchedule:
             max_wait=args.max_wait,
         )
     )
+
+
+def _watch_schedule(args: argparse.Namespace, settings: NanoPhotoSettings) -> WatchSchedule:
+    """The timing flags on our clock: ``NANOPHOTO_TIME_SCALE`` compresses them for a
+    time-compressed sandbox (1 against the real API)."""
+    return _schedule(args).on_clock(settings.time_scale)
 
 
 def _video_request(args: argparse.Namespace, prompt: str) -> VideoRequest:
@@ -442,8 +449,8 @@ def _prompt_request(args: argparse.Namespace) -> PromptRequest:
 
 def _submit(args: argparse.Namespace, out: Output) -> int:
     request = _video_request(args, args.prompt)
-    schedule = _schedule(args)
     settings = _settings(args)
+    schedule = _watch_schedule(args, settings)
     return asyncio.run(_submit_async(args, out, request, schedule, settings))
 
 
@@ -547,13 +554,13 @@ def _task_id(args: argparse.Namespace) -> str:
 def _status(args: argparse.Namespace, out: Output) -> int:
     task_id = _task_id(args)
     settings = _settings(args)
-    schedule = _schedule(args)
+    schedule = _watch_schedule(args, settings)
     out.task_id = task_id
 
     async def run() -> int:
         async with _client(args, settings) as client:
             if args.follow:
-                pending = VideoStatus(task_id=task_id, status="processing")
+                pending = VideoStatus(task_id=task_id, status=PROCESSING)
                 return await follow(client, pending, schedule, out, submitted_at=time.monotonic())
             try:
                 status = await client.check_status(task_id)
@@ -573,12 +580,12 @@ def _resume(args: argparse.Namespace, out: Output) -> int:
     except ValueError as error:
         raise UsageError(f"--task-id: {error}") from None
     settings = _settings(args)
-    schedule = _schedule(args)
+    schedule = _watch_schedule(args, settings)
     out.task_id = task_id
 
     async def run() -> int:
         async with _client(args, settings) as client:
-            pending = VideoStatus(task_id=task_id, status="processing")
+            pending = VideoStatus(task_id=task_id, status=PROCESSING)
             final = await watch_to_end(client, pending, schedule, out, time.monotonic())
             if final is None or not final.is_completed or final.video_url is None:
                 return EXIT_FAILED
@@ -685,12 +692,7 @@ def _video(args: argparse.Namespace, out: Output) -> int:
 def _sandbox(args: argparse.Namespace, out: Output) -> int:
     from nanophoto.simulator.__main__ import main as simulator_main
 
-    key = args.key.partition("=")[0]
-    out.note(
-        f"point sora2 at it: export NANOPHOTO_BASE_URL=http://127.0.0.1:{args.port} "
-        f"NANOPHOTO_API_KEY={key}  (time scale {args.time_scale:g}: scale the timing "
-        "flags too, e.g. --initial-status-delay 1.2 --status-check-interval 0.2)"
-    )
+    # The simulator prints the exports that point sora2 at it (base URL, key, time scale).
     argv = ["--port", str(args.port), "--time-scale", str(args.time_scale), "--key", args.key]
     for fault in args.fault:
         argv += ["--fault", fault]

@@ -15,11 +15,13 @@ from typing import Final
 
 from prefect import get_run_logger
 from prefect.blocks.core import Block
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from nanophoto.client import NanoPhotoClient
-from nanophoto.settings import NanoPhotoSettings
+from nanophoto.errors import ConfigurationError
+from nanophoto.settings import NanoPhotoSettings, check_base_url
 from tasks.ratelimit import shared_limiter
 
 DEFAULT_BLOCK_NAME: Final = "nanophoto"
@@ -29,9 +31,14 @@ BLOCK_NAME_VARIABLE: Final = "SORA2_CREDENTIALS_BLOCK"
 class NanoPhotoCredentials(Block):
     """A NanoPhoto.AI API key, stored encrypted by the Prefect server.
 
+    The flows' tasks load it themselves; you never pass it to a flow.
+
     Example:
+        Load the stored block (the tasks do this for you):
         ```python
-        NanoPhotoCredentials(api_key="...").save("nanophoto")
+        from tasks.credentials import NanoPhotoCredentials
+
+        credentials = NanoPhotoCredentials.load("nanophoto")
         ```
     """
 
@@ -46,9 +53,15 @@ class NanoPhotoCredentials(Block):
     )
     base_url: str | None = Field(
         default=None,
-        description="The API's base URL. Leave empty for https://nanophoto.ai; set it to "
-        "point the flows at the local simulator.",
+        description="The API's base URL. Leave empty for https://nanophoto.ai. Must be "
+        "https, or http only to this machine (localhost, 127.0.0.1), for example the "
+        "local simulator: the key would otherwise travel in clear text.",
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _https_unless_local(cls, url: str | None) -> str | None:
+        return check_base_url(url) if url and url.strip() else None
 
 
 def block_name() -> str:
@@ -62,15 +75,28 @@ async def load_credentials(name: str | None = None) -> NanoPhotoCredentials | No
     A block that exists but no longer validates is an error, not "absent":
     falling through to another key source could bill another account.
     """
+    name = name or block_name()
     try:
-        block = await NanoPhotoCredentials.aload(name or block_name())
-    except ValidationError:
+        block = await NanoPhotoCredentials.aload(name)
+    except (RuntimeError, ValueError) as error:
+        # Prefect wraps both causes: a missing document (ObjectNotFound) and one
+        # that no longer validates (pydantic's ValidationError).
+        if isinstance(error.__cause__, ObjectNotFound):
+            return None
+        if isinstance(error.__cause__, ValidationError):
+            raise ConfigurationError(
+                f"the Prefect block nanophoto-credentials/{name} is invalid: "
+                f"{_first_problem(error.__cause__)}; fix it in the UI (Blocks) or with "
+                "`make deploy ARGS=--store-key`. Nothing was sent."
+            ) from None
         raise
-    except ValueError as error:  # Prefect's "Unable to find block document named ..."
-        if "Unable to find" not in str(error):
-            raise
-        return None
     return block if isinstance(block, NanoPhotoCredentials) else None
+
+
+def _first_problem(error: ValidationError) -> str:
+    detail = error.errors()[0]
+    field = ".".join(str(part) for part in detail["loc"]) or "block"
+    return f"{field}: {detail['msg'].removeprefix('Value error, ')}"
 
 
 # One block load per flow run and block name, not one per task (a video's
@@ -101,7 +127,8 @@ async def open_client() -> AsyncIterator[NanoPhotoClient]:
         if block is not None:
             extra = ((f"the Prefect block nanophoto-credentials/{block_name()}", block.api_key),)
             if block.base_url and "NANOPHOTO_BASE_URL" not in os.environ:
-                settings = settings.model_copy(update={"base_url": block.base_url})
+                # Built anew, never copied: the https-unless-loopback rule runs again.
+                settings = NanoPhotoSettings(base_url=block.base_url)
         else:
             extra = ((f"the Prefect block nanophoto-credentials/{block_name()} (absent)", None),)
     async with NanoPhotoClient(

@@ -10,8 +10,10 @@ instead of raising.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, ParamSpec, TypeVar
 
@@ -88,23 +90,39 @@ async def publish_prompt(request: VideoRequest, topic: str | None = None) -> Non
 
 
 @best_effort
-async def publish_video(result: VideoResult) -> None:
-    """A link artifact to the finished video, with where it was saved."""
+async def publish_video(result: VideoResult, *, paid_here: bool = True) -> None:
+    """A link artifact to the finished video, with what it cost and where it was saved."""
     saved = f"; saved to {result.video_path}" if result.video_path else ""
+    cost = (
+        f"{result.credits_used} credits"
+        if paid_here
+        else f"no credits spent by this run ({result.video_credits} charged at its submit)"
+    )
     await acreate_link_artifact(
         link=result.video_url,
         link_text=f"Video {result.task_id}",
-        description=f"Sora 2 video, {result.credits_used} credits{saved}",
+        description=f"Sora 2 video, {cost}{saved}",
     )
 
 
 class WaitProgress:
-    """A progress artifact through the wait: elapsed against the expected generation time."""
+    """A progress artifact through the wait: elapsed time against the expected generation time.
+
+    It moves with time (``tick``), not only at status checks, so the first
+    two minutes do not sit at 0 %; it reaches 100 % only for a finished video.
+    """
 
     def __init__(self, task_id: str, expected_seconds: float) -> None:
         self.task_id = task_id
         self.expected = expected_seconds
+        self.status = "submitted"
+        self.progress = 0.0
         self._artifact: Any = None
+
+    @property
+    def tick_seconds(self) -> float:
+        """How often to move the bar between checks: about every 5 % of the usual wait."""
+        return max(self.expected / 20, 2.0)
 
     @best_effort
     async def start(self) -> None:
@@ -114,22 +132,93 @@ class WaitProgress:
         )
 
     @best_effort
-    async def update(self, elapsed: float, status: str) -> None:
-        """Move the bar; it stays below 100 % until the video is done."""
+    async def update(self, elapsed: float, status: str | None = None) -> None:
+        """Move the bar to ``elapsed``; it stays below 100 % until the video is done."""
         if self._artifact is None:
             return
-        progress = min(99.0, 100.0 * elapsed / self.expected) if self.expected else 0.0
+        self.status = status or self.status
+        self.progress = min(99.0, 100.0 * elapsed / self.expected) if self.expected else 0.0
         await aupdate_progress_artifact(
             self._artifact,
-            progress=progress,
-            description=f"Video {self.task_id}: {status} after {elapsed:.0f} s "
+            progress=self.progress,
+            description=f"Video {self.task_id}: {self.status} after {elapsed:.0f} s "
             f"(usually ~{self.expected:.0f} s)",
         )
 
     @best_effort
-    async def finish(self, status: str) -> None:
-        """Fill the bar: the video is final, whatever it became."""
+    async def finish(self, outcome: str, *, completed: bool) -> None:
+        """Fill the bar for a finished video; a failed one keeps where it stopped."""
         if self._artifact is not None:
             await aupdate_progress_artifact(
-                self._artifact, progress=100.0, description=f"Video {self.task_id}: {status}"
+                self._artifact,
+                progress=100.0 if completed else self.progress,
+                description=f"Video {self.task_id}: {outcome}",
             )
+
+
+class BatchProgress:
+    """One progress bar for a batch: the items finished, plus the wait of those in flight.
+
+    A batch waits minutes between events; ``tick`` moves the bar with time so
+    a person sees it working. Best-effort, like every report here.
+    """
+
+    def __init__(
+        self, total: int, expected_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.total = total
+        self.expected = expected_seconds
+        self._clock = clock
+        self._watching: dict[int, float] = {}  # index -> when its video was submitted
+        self._done: dict[str, int] = {}
+        self._artifact: Any = None
+        self._shown: tuple[float, str] | None = None
+        self._showing = asyncio.Lock()  # the ticker and finishing items: one bar, not two
+
+    @property
+    def tick_seconds(self) -> float:
+        """How often to move the bar: about every 5 % of a video's usual wait."""
+        return max(self.expected / 20, 2.0)
+
+    def watching(self, index: int, submitted_at: float) -> None:
+        """Item ``index`` has a video being generated since ``submitted_at``."""
+        self._watching[index] = submitted_at
+
+    def finished(self, index: int, status: str) -> None:
+        """Item ``index`` reached its outcome (delivered, failed, over_budget)."""
+        self._watching.pop(index, None)
+        self._done[status] = self._done.get(status, 0) + 1
+
+    def fraction(self) -> float:
+        """Share of the batch done, counting a generating video by its expected wait."""
+        now = self._clock()
+        waiting = sum(
+            min(0.9, (now - since) / self.expected) if self.expected else 0.0
+            for since in self._watching.values()
+        )
+        return (sum(self._done.values()) + waiting) / self.total if self.total else 1.0
+
+    def description(self) -> str:
+        """``3 of 10 finished (2 delivered, 1 failed); 5 generating``."""
+        finished = sum(self._done.values())
+        counts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in self._done.items())
+        text = f"Batch: {finished} of {self.total} finished" + (f" ({counts})" if counts else "")
+        return text + f"; {len(self._watching)} generating"
+
+    @best_effort
+    async def show(self) -> None:
+        """Create the bar, or move it if anything changed."""
+        async with self._showing:
+            progress = round(100.0 * self.fraction(), 1)
+            shown = (progress, self.description())
+            if shown == self._shown:
+                return
+            if self._artifact is None:
+                self._artifact = await acreate_progress_artifact(
+                    progress=progress, description=shown[1]
+                )
+            else:
+                await aupdate_progress_artifact(
+                    self._artifact, progress=progress, description=shown[1]
+                )
+            self._shown = shown

@@ -128,7 +128,7 @@ async def check_video_status(task_id: str) -> VideoStatus:
 
 @task(name="download-video", cache_policy=NO_CACHE)
 async def download_video(task_id: str, video_url: str, output_dir: str) -> DownloadedVideo:
-    """Save a finished video as ``<task_id>.mp4`` before its URL expires; once only.
+    """Save a finished video, named by its task id, before its URL expires; once only.
 
     Args:
         task_id: The NanoPhoto task id; it names the file.

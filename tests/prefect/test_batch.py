@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.exceptions import ParameterTypeError
 
 from flows.batch import BatchItem, batch_of_videos
@@ -18,7 +23,7 @@ from tasks.ratelimit import RATE_LIMIT_NAME, create_rate_limit
 from tests.conftest import MakeSimulator
 from tests.prefect.conftest import SESSION_RATE_LIMIT, use_simulator
 
-FAST = WatchSchedule().scaled(0.01)
+FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 
 
 async def test_one_failure_never_fails_the_others_and_the_budget_holds(
@@ -32,13 +37,15 @@ async def test_one_failure_never_fails_the_others_and_the_budget_holds(
     ]
     # The first video submitted fails server-side: NanoPhoto refunds it.
     api.queue_fault("generate", "generation_failed")
-    summary = await batch_of_videos(
+    state = await batch_of_videos(
         items=items,
         credit_budget=30,
         max_in_flight=1,  # in order, so which one fails is known
         schedule=FAST,
         output_dir=str(tmp_path),
+        return_state=True,
     )
+    summary = await state.aresult()
     statuses = [o.status for o in summary.items]
     assert statuses == ["failed", "delivered", "over_budget", "delivered"]
     assert summary.items[0].error_code == "GENERATION_FAILED"
@@ -64,6 +71,20 @@ async def test_one_failure_never_fails_the_others_and_the_budget_holds(
         )
     assert artifacts
     assert artifacts[0].type == "table"
+    # Batches are told apart by their first item, and show how far along they are.
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(flow_run_id)
+        mine = await client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert flow_run.name == "batch of 4: A fox at dawn"
+    [progress] = [a for a in mine if a.type == "progress"]
+    assert progress.data == 100.0
+    assert progress.description is not None
+    assert progress.description.startswith("Batch: 4 of 4 finished")
+    assert "2 delivered" in progress.description
 
 
 async def test_a_bad_item_is_refused_by_index_before_anything_is_paid(api: Simulator) -> None:

@@ -11,7 +11,8 @@ import pytest
 from nanophoto.simulator import DEFAULT_KEY, Simulator
 from sora2.cli import main
 
-FAST = ["--initial-status-delay", "1.2", "--status-check-interval", "0.2", "--max-wait", "12"]
+# NanoPhoto's seconds, as a user types them: NANOPHOTO_TIME_SCALE compresses them.
+FAST = ["--initial-status-delay", "120", "--status-check-interval", "20", "--max-wait", "1200"]
 
 
 def test_video_runs_the_flow_and_prints_the_result(api: Simulator, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from tests.conftest import MakeSimulator
 from tests.prefect.conftest import use_simulator
 from tests.prefect.test_flows import _exception_text
 
-FAST = WatchSchedule().scaled(0.01)
+FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 # Unique per test session, so no record from an earlier session can interfere.
 KEYS = {n: f"fox-{n}-{uuid.uuid4().hex[:8]}" for n in range(1, 10)}
 
@@ -48,7 +48,7 @@ async def test_an_interrupted_watch_resumes_the_same_task(
     """A run that stops after its submit: the rerun with its key finishes that task."""
     api = make_simulator(generation_seconds=(300, 300))  # 3 s here
     use_simulator(api, monkeypatch)
-    short = WatchSchedule(initial_delay=1.2, interval=0.2, max_wait=1.5)
+    short = WatchSchedule(initial_delay=120, interval=20, max_wait=150)
     state = await prompt_to_video(
         prompt="a fox",
         schedule=short,

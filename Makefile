@@ -34,7 +34,7 @@ bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); abou
 	$(PY) -m benchmarks.batch $(ARGS)
 
 sim: $(VENV)/.installed ## The simulator on port 8765, 100x faster than real time.
-	$(PY) -m nanophoto.simulator --port 8765 --time-scale 0.01
+	$(PY) -m nanophoto_simulator --port 8765 --time-scale 0.01
 
 server: $(VENV)/.installed ## A local Prefect server with its UI on http://127.0.0.1:$(PREFECT_PORT) (leases on disk).
 	$(PY) -m deployments.server --host 127.0.0.1 --port $(PREFECT_PORT)

@@ -254,7 +254,7 @@ def _error_code(response: httpx.Response) -> str:
 def main() -> None:
     """Run the baseline for 30 real seconds against a simulator at 1/100 time."""
     # Imported here: the baseline itself needs only the contract and httpx.
-    from nanophoto.simulator import DEFAULT_KEY, SimulatorConfig, SimulatorThread
+    from nanophoto_simulator import DEFAULT_KEY, SimulatorConfig, SimulatorThread
 
     time_scale = 0.01
     topics = [

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanophoto.simulator import SimulatorConfig, SimulatorThread
+from nanophoto.contract import GENERATION_RANGE_S, RATE_LIMIT_PER_HOUR, RATE_WINDOW_S
+from nanophoto_simulator import SimulatorConfig, SimulatorThread
 
 KEY = "bench-key"
 TOPICS = [
@@ -113,7 +114,7 @@ def _prefect_env(base_url: str, time_scale: float, rate_limit: int) -> None:
             "NANOPHOTO_BASE_URL": base_url,
             "NANOPHOTO_API_KEY": KEY,
             "NANOPHOTO_RATE_LIMIT": str(rate_limit),
-            "NANOPHOTO_RATE_WINDOW": str(3600 * time_scale),
+            # The schedule and the rate window are in NanoPhoto's seconds: this scales both.
             "NANOPHOTO_TIME_SCALE": str(time_scale),
         }
     )
@@ -122,12 +123,12 @@ def _prefect_env(base_url: str, time_scale: float, rate_limit: int) -> None:
 
 async def _run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """The batch flow, topics in, cut off at the horizon."""
-    _prefect_env(args.base_url, args.time_scale, 100)
+    _prefect_env(args.base_url, args.time_scale, RATE_LIMIT_PER_HOUR)
     from flows.batch import BatchItem, batch_of_videos
     from nanophoto.watch import WatchSchedule
     from tasks.ratelimit import create_rate_limit
 
-    await create_rate_limit(100, reset=True)  # also starts the embedded server
+    await create_rate_limit(RATE_LIMIT_PER_HOUR, reset=True)  # also starts the embedded server
     count = int(args.hours * 45)  # more than the budget can make
     items = [BatchItem(topic=f"{TOPICS[i % len(TOPICS)]} (take {i})") for i in range(count)]
     output = tempfile.mkdtemp(prefix="sora2-bench-videos-")
@@ -136,11 +137,11 @@ async def _run_ours(args: argparse.Namespace) -> dict[str, Any]:
         batch_of_videos(
             items=items,
             max_in_flight=args.max_in_flight,
-            schedule=WatchSchedule().scaled(args.time_scale),
+            schedule=WatchSchedule(),
             output_dir=output,
         )
     )
-    done, _ = await asyncio.wait({run}, timeout=args.hours * 3600 * args.time_scale)
+    done, _ = await asyncio.wait({run}, timeout=args.hours * RATE_WINDOW_S * args.time_scale)
     if not done:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
@@ -160,7 +161,7 @@ async def _run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         KEY,
         TOPICS,
         time_scale=args.time_scale,
-        horizon_s=args.hours * 3600 * args.time_scale,
+        horizon_s=args.hours * RATE_WINDOW_S * args.time_scale,
         pause_after_failure_s=20.0,
     )
     return {"started_wall": started_wall, "elapsed": result["elapsed_s"], "tool": result}
@@ -181,7 +182,7 @@ async def _run_scale(args: argparse.Namespace) -> dict[str, Any]:
     summary = await batch_of_videos(
         items=items,
         max_in_flight=args.videos,
-        schedule=WatchSchedule().scaled(args.time_scale),
+        schedule=WatchSchedule(),
         output_dir=output,
     )
     return {
@@ -344,7 +345,8 @@ def _table(rate: dict[str, Any], hours: float) -> str:
         ("peak memory, MiB (per video)", "peak_mib"),
     ]
     lines = [
-        f"Rate run: {hours:g} simulated hours, 100 requests/hour, generations 120-480 s",
+        f"Rate run: {hours:g} simulated hours, {RATE_LIMIT_PER_HOUR} requests/hour, "
+        f"generations {GENERATION_RANGE_S[0]:g}-{GENERATION_RANGE_S[1]:g} s",
         f"| {'':38} | {'baseline (published tool)':>26} | {'ours (batch flow)':>18} |",
         f"|{'-' * 40}|{'-' * 28}|{'-' * 20}|",
     ]

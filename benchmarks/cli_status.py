@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from nanophoto.simulator import DEFAULT_KEY, SimulatorConfig, SimulatorThread
+from nanophoto_simulator import DEFAULT_KEY, SimulatorConfig, SimulatorThread
 
 RUNS = 10
 

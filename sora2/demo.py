@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from nanophoto_simulator.config import SANDBOX_TIME_SCALE
+
 DEMO_KEY = "demo-key"
 DEMO_CREDITS = 100
 
@@ -28,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--time-scale",
         type=float,
-        default=0.01,
+        default=SANDBOX_TIME_SCALE,
         help="real seconds per simulated second (0.01: a 4-minute video takes 2.4 s)",
     )
     parser.add_argument("--output-dir", default="videos")
@@ -46,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.pop("PREFECT_API_URL", None)
 
-    from nanophoto.simulator import SimulatorConfig, SimulatorThread
     from nanophoto.watch import WatchSchedule
+    from nanophoto_simulator import SimulatorConfig, SimulatorThread
 
     config = SimulatorConfig(keys={DEMO_KEY: DEMO_CREDITS}, time_scale=args.time_scale)
     with SimulatorThread(config) as simulator:
         os.environ["NANOPHOTO_BASE_URL"] = simulator.base_url
         os.environ["NANOPHOTO_API_KEY"] = DEMO_KEY
-        # The key's hourly budget, compressed like the simulator's hour.
-        os.environ["NANOPHOTO_RATE_WINDOW"] = str(config.real(config.rate_window_seconds))
+        # NanoPhoto's schedule and hourly budget, compressed like the simulator's clock.
+        os.environ["NANOPHOTO_TIME_SCALE"] = str(args.time_scale)
         print(
             f"NanoPhoto simulator at {simulator.base_url} "
             f"(time scale {args.time_scale:g}, {DEMO_CREDITS} demo credits)",
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(
             topic_to_video(
                 topic=args.topic,
-                schedule=WatchSchedule().scaled(args.time_scale),
+                schedule=WatchSchedule(),
                 output_dir=args.output_dir,
             )
         )

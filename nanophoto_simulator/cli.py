@@ -1,4 +1,7 @@
-"""Run the simulator: ``python -m nanophoto.simulator --port 8765 --time-scale 0.01``."""
+"""The simulator's command line: ``python -m nanophoto_simulator`` and ``sora2 sandbox``.
+
+Example: ``python -m nanophoto_simulator --port 8765 --time-scale 0.01``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,16 @@ import json
 import signal
 import sys
 
-from nanophoto.simulator.config import DEFAULT_KEY, Faults, SimulatorConfig
-from nanophoto.simulator.server import Simulator
+from nanophoto_simulator.config import (
+    DEFAULT_CREDITS,
+    DEFAULT_KEY,
+    SANDBOX_PORT,
+    Faults,
+    SimulatorConfig,
+)
+from nanophoto_simulator.server import Simulator
+
+_DEFAULTS = SimulatorConfig()
 
 
 def _key(text: str) -> tuple[str, int]:
@@ -31,35 +42,47 @@ def _fault(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=PROBABILITY, got {text!r}") from None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The simulator's command-line options."""
+def build_parser(prog: str = "python -m nanophoto_simulator") -> argparse.ArgumentParser:
+    """The simulator's options; ``sora2 sandbox`` adds its own defaults on top."""
     parser = argparse.ArgumentParser(
-        prog="python -m nanophoto.simulator",
+        prog=prog,
         description="A local server that speaks the NanoPhoto Sora 2 API contract.",
-        epilog="Example: python -m nanophoto.simulator --port 8765 --time-scale 0.01 "
+        epilog=f"Example: {prog} --port {SANDBOX_PORT} --time-scale 0.01 "
         "--key demo-key=100 --fault gateway_error=0.1",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765, help="API port (0: any free port)")
+    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    parser.add_argument(
+        "--port", type=int, default=SANDBOX_PORT, help="API port, 0 for any (default: %(default)s)"
+    )
     parser.add_argument("--media-port", type=int, default=0, help="video host port (0: any)")
     parser.add_argument(
         "--time-scale",
         type=float,
-        default=1.0,
-        help="real seconds per simulated second (0.01: 100x faster)",
+        default=_DEFAULTS.time_scale,
+        help="real seconds per simulated second, 0.01 for 100x faster (default: %(default)s)",
     )
     parser.add_argument(
         "--key",
         type=_key,
         action="append",
         default=[],
-        help=f"KEY=CREDITS, repeatable (default {DEFAULT_KEY}=1000)",
+        help=f"KEY=CREDITS, repeatable (default: {DEFAULT_KEY}={DEFAULT_CREDITS})",
     )
     parser.add_argument(
-        "--generation-seconds", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(120.0, 480.0)
+        "--generation-seconds",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=_DEFAULTS.generation_seconds,
+        help="the range generation times are drawn from (default: %(default)s)",
     )
-    parser.add_argument("--rate-limit", type=int, default=100, help="requests per hour per key")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=_DEFAULTS.rate_limit,
+        help="requests per hour per key (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="replayable randomness")
     parser.add_argument(
         "--fault",
         type=_fault,
@@ -67,7 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="NAME=PROBABILITY, repeatable; NAME is a field of Faults",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The simulator's command-line options."""
+    return build_parser().parse_args(argv)
 
 
 async def _serve(config: SimulatorConfig, args: argparse.Namespace) -> None:
@@ -103,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     """Start the simulator and serve until interrupted."""
     args = parse_args(argv)
     config = SimulatorConfig(
-        keys=dict(args.key) or {DEFAULT_KEY: 1000},
+        keys=dict(args.key) or {DEFAULT_KEY: DEFAULT_CREDITS},
         time_scale=args.time_scale,
         generation_seconds=tuple(args.generation_seconds),
         rate_limit=args.rate_limit,
@@ -112,7 +140,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     asyncio.run(_serve(config, args))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

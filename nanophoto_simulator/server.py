@@ -31,6 +31,7 @@ from nanophoto.contract import (
     FAILED,
     GATEWAY_STATUSES,
     MAX_IMAGE_URLS,
+    PROCESSING,
     PROMPT_COST,
     PROMPT_PATH,
     STATUS_PATH,
@@ -43,27 +44,24 @@ from nanophoto.contract import (
     Technique,
     video_cost,
 )
-from nanophoto.simulator.config import Faults, SimulatorConfig
-from nanophoto.simulator.ledger import Ledger, VideoTask
-from nanophoto.simulator.prompts import write_prompt
+from nanophoto_simulator.config import (
+    ANY_CALL_FAULTS,
+    LOST_ANSWER_FAULTS,
+    STREAM_FAULTS,
+    Fault,
+    Faults,
+    SimulatorConfig,
+)
+from nanophoto_simulator.ledger import Ledger, VideoTask
+from nanophoto_simulator.prompts import write_prompt
 
 ENDPOINTS = {PROMPT_PATH: "generate-prompt", SUBMIT_PATH: "generate", STATUS_PATH: "check-status"}
-_ANY_CALL = (
-    "internal_error",
-    "gateway_error",
-    "dropped_connection",
-    "rate_limited",
-    "gateway_error_after",
-    "dropped_connection_after",
-)
 # Which faults can strike which endpoint.
-FAULTS_BY_ENDPOINT: dict[str, tuple[str, ...]] = {
-    "generate-prompt": (*_ANY_CALL, "slow_stream", "truncated_stream"),
-    "generate": (*_ANY_CALL, "generation_failed"),
-    "check-status": _ANY_CALL,
+FAULTS_BY_ENDPOINT: dict[str, tuple[Fault, ...]] = {
+    "generate-prompt": (*ANY_CALL_FAULTS, *STREAM_FAULTS),
+    "generate": (*ANY_CALL_FAULTS, Fault.GENERATION_FAILED),
+    "check-status": ANY_CALL_FAULTS,
 }
-FAULT_KINDS = tuple(dict.fromkeys(k for kinds in FAULTS_BY_ENDPOINT.values() for k in kinds))
-_LOST_ANSWER = ("gateway_error_after", "dropped_connection_after")
 _GATEWAY_PAGES = {
     502: "Bad gateway",
     503: "Service temporarily unavailable",
@@ -71,6 +69,12 @@ _GATEWAY_PAGES = {
     524: "A timeout occurred",
 }
 assert set(_GATEWAY_PAGES) == GATEWAY_STATUSES
+
+
+_STRIKES_AFTER = {
+    Fault.GATEWAY_ERROR: Fault.GATEWAY_ERROR_AFTER,
+    Fault.DROPPED_CONNECTION: Fault.DROPPED_CONNECTION_AFTER,
+}
 
 
 class _Cut(Exception):
@@ -116,7 +120,7 @@ def _gateway_page(status: int) -> Reply:
 
 def _load_video(aspect_ratio: str) -> bytes:
     return (
-        resources.files("nanophoto.simulator").joinpath(f"assets/{aspect_ratio}.mp4").read_bytes()
+        resources.files("nanophoto_simulator").joinpath(f"assets/{aspect_ratio}.mp4").read_bytes()
     )
 
 
@@ -142,7 +146,7 @@ class Simulator:
         self._occurrences: dict[tuple[str, str], int] = defaultdict(int)
         self._lock = threading.Lock()
         self._windows: dict[str, deque[float]] = defaultdict(deque)
-        self._queued: dict[str, deque[str]] = defaultdict(deque)
+        self._queued: dict[str, deque[Fault]] = defaultdict(deque)
         self._videos = {ratio.value: _load_video(ratio.value) for ratio in AspectRatio}
         self._servers: list[asyncio.Server] = []
         self._writers: set[asyncio.StreamWriter] = set()
@@ -186,16 +190,19 @@ class Simulator:
                 self.balances, self._starting, self._origin, self.config.time_scale
             )
 
-    def queue_fault(self, endpoint: str, *kinds: str) -> None:
+    def queue_fault(self, endpoint: str, *kinds: Fault | str) -> None:
         """Make the next requests to ``endpoint`` fail in these ways, in order."""
         if endpoint not in FAULTS_BY_ENDPOINT:
             raise ValueError(f"endpoint must be one of {sorted(FAULTS_BY_ENDPOINT)}")
+        allowed = FAULTS_BY_ENDPOINT[endpoint]
+        faults = []
         for kind in kinds:
-            if kind not in FAULTS_BY_ENDPOINT[endpoint]:
-                allowed = FAULTS_BY_ENDPOINT[endpoint]
-                raise ValueError(f"fault {kind!r} cannot strike {endpoint}; one of {allowed}")
+            if kind not in allowed:
+                names = [str(fault) for fault in allowed]
+                raise ValueError(f"fault {kind!r} cannot strike {endpoint}; one of {names}")
+            faults.append(Fault(kind))
         with self._lock:
-            self._queued[endpoint].extend(kinds)
+            self._queued[endpoint].extend(faults)
 
     def set_faults(self, faults: Faults) -> None:
         """Switch the random faults (probabilities per request)."""
@@ -283,23 +290,23 @@ class Simulator:
             self.ledger.requests[(known, endpoint)] += 1
             rng = self._request_rng(endpoint, known, request.body)
             fault = self._draw_fault(endpoint, rng)
-            if fault and fault not in ("slow_stream", "truncated_stream"):
-                self.ledger.faults[fault] += 1
+            if fault and fault not in STREAM_FAULTS:
+                self.ledger.faults[fault.value] += 1
             # Faults at the CDN edge: the origin never sees the request.
-            if fault == "gateway_error":
+            if fault == Fault.GATEWAY_ERROR:
                 return _gateway_page(rng.choice(sorted(_GATEWAY_PAGES)))
-            if fault == "dropped_connection":
+            if fault == Fault.DROPPED_CONNECTION:
                 return Reply(drop=True)
             if key is None or key not in self.balances:
                 return _error(401, "LOGIN_REQUIRED", "Please log in or provide a valid API key")
-            if fault == "rate_limited" or not self._take_rate_slot(key):
+            if fault == Fault.RATE_LIMITED or not self._take_rate_slot(key):
                 self.ledger.rate_limited[key] += 1
                 return _error(
                     429,
                     "API_KEY_RATE_LIMIT_EXCEEDED",
                     f"API key rate limit exceeded: {self.config.rate_limit} requests per hour",
                 )
-            if fault == "internal_error":
+            if fault == Fault.INTERNAL_ERROR:
                 return _error(500, "INTERNAL_ERROR", "Internal server error")
             try:
                 body = json.loads(request.body or b"{}")
@@ -312,11 +319,11 @@ class Simulator:
             elif endpoint == "generate":
                 reply = self._submit(key, body, fault, rng)
             else:
-                reply = self._check_status(key, body, delivered=fault not in _LOST_ANSWER)
+                reply = self._check_status(key, body, delivered=fault not in LOST_ANSWER_FAULTS)
         # Faults after the origin did the work: the answer is lost on the way back.
-        if fault == "gateway_error_after":
+        if fault == Fault.GATEWAY_ERROR_AFTER:
             return _gateway_page(rng.choice(sorted(_GATEWAY_PAGES)))
-        if fault == "dropped_connection_after":
+        if fault == Fault.DROPPED_CONNECTION_AFTER:
             return Reply(drop=True)
         return reply
 
@@ -331,21 +338,21 @@ class Simulator:
         self._occurrences[(endpoint, digest.hexdigest())] += 1
         return random.Random(f"{self.config.seed}:{digest.hexdigest()}:{occurrence}")
 
-    def _draw_fault(self, endpoint: str, rng: random.Random) -> str | None:
+    def _draw_fault(self, endpoint: str, rng: random.Random) -> Fault | None:
         if self._queued[endpoint]:
             return self._queued[endpoint].popleft()
         faults = self.config.faults
         roll = rng.random()
-        for kind, chance in (
-            ("internal_error", faults.internal_error),
-            ("gateway_error", faults.gateway_error),
-            ("dropped_connection", faults.dropped_connection),
-            ("rate_limited", faults.rate_limited),
+        for kind in (
+            Fault.INTERNAL_ERROR,
+            Fault.GATEWAY_ERROR,
+            Fault.DROPPED_CONNECTION,
+            Fault.RATE_LIMITED,
         ):
+            chance = faults.chance(kind)
             if roll < chance:
-                after = rng.random() < faults.after_processing
-                if kind in ("gateway_error", "dropped_connection") and after:
-                    return f"{kind}_after"
+                if kind in _STRIKES_AFTER and rng.random() < faults.after_processing:
+                    return _STRIKES_AFTER[kind]
                 return kind
             roll -= chance
         return None
@@ -362,7 +369,7 @@ class Simulator:
         return True
 
     def _prompt(
-        self, key: str, body: dict[str, Any], fault: str | None, rng: random.Random
+        self, key: str, body: dict[str, Any], fault: Fault | None, rng: random.Random
     ) -> Reply:
         topic = body.get("topic")
         if not isinstance(topic, str) or not topic.strip() or len(topic.strip()) > TOPIC_MAX_CHARS:
@@ -391,24 +398,24 @@ class Simulator:
             int(body.get("duration", 10)),
             Locale(body.get("locale", Locale.EN)),
         )
-        if fault not in ("slow_stream", "truncated_stream"):
+        if fault not in STREAM_FAULTS:
             fault = self._roll_stream_fault(rng)
         return Reply(
             content_type="text/plain; charset=utf-8",
             stream=self._stream_prompt(key, text.encode(), fault),
         )
 
-    def _roll_stream_fault(self, rng: random.Random) -> str | None:
+    def _roll_stream_fault(self, rng: random.Random) -> Fault | None:
         faults = self.config.faults
         roll = rng.random()
         if roll < faults.truncated_stream:
-            return "truncated_stream"
+            return Fault.TRUNCATED_STREAM
         if roll < faults.truncated_stream + faults.slow_stream:
-            return "slow_stream"
+            return Fault.SLOW_STREAM
         return None
 
     async def _stream_prompt(
-        self, key: str, text: bytes, fault: str | None
+        self, key: str, text: bytes, fault: Fault | None
     ) -> AsyncIterator[bytes]:
         """Stream ``text`` in chunks cut at byte offsets, splitting characters."""
         count = min(self.config.prompt_chunks, len(text))
@@ -417,8 +424,8 @@ class Simulator:
         for index in range(count):
             if index == count // 2 and fault:
                 with self._lock:
-                    self.ledger.faults[fault] += 1
-                if fault == "truncated_stream":
+                    self.ledger.faults[fault.value] += 1
+                if fault == Fault.TRUNCATED_STREAM:
                     self._refund_prompt(key)
                     raise _Cut
                 await asyncio.sleep(self.config.real(self.config.faults.stall_seconds))
@@ -434,7 +441,7 @@ class Simulator:
             self.ledger.prompts["failed"] += 1
 
     def _submit(
-        self, key: str, body: dict[str, Any], fault: str | None, rng: random.Random
+        self, key: str, body: dict[str, Any], fault: Fault | None, rng: random.Random
     ) -> Reply:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -460,7 +467,7 @@ class Simulator:
         low, high = self.config.generation_seconds
         generation = rng.uniform(low, high)
         now = time.monotonic()
-        will_fail = fault == "generation_failed" or (
+        will_fail = fault == Fault.GENERATION_FAILED or (
             rng.random() < self.config.faults.generation_failed
         )
         # Seeded: the same id on a replay. Else unpredictable, like the real service's.
@@ -484,7 +491,7 @@ class Simulator:
             200,
             {
                 "success": True,
-                "status": "processing",
+                "status": PROCESSING,
                 "taskId": task.task_id,
                 "message": "Video generation in progress",
             },
@@ -706,6 +713,6 @@ class SimulatorThread:
         try:
             asyncio.run(main())
         except Exception:
-            logging.getLogger("nanophoto.simulator").exception(
+            logging.getLogger("nanophoto_simulator").exception(
                 "the simulator stopped with an error"
             )

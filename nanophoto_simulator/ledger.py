@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanophoto.contract import PROCESSING
+
 
 @dataclass
 class VideoTask:
@@ -50,7 +52,7 @@ class VideoTask:
             "aspect_ratio": self.aspect_ratio,
             "cost": self.cost,
             "prompt_head": self.prompt_head,
-            "status": self.final_status or "processing",
+            "status": self.final_status or PROCESSING,
             "generation_seconds": round(self.generation_seconds, 3),
             "submitted_at": simulated(self.submitted_at),
             "ready_at": simulated(self.ready_at),

@@ -13,17 +13,19 @@ import sys
 from prefect import aserve
 
 from deployments.setup import require_api_url
-from flows.video import prompt_to_video, resume_video, topic_to_video
+from flows import batch_of_videos, prompt_to_video, resume_video, topic_to_video
 from tasks.credentials import NanoPhotoCredentials
 
 
 async def serve() -> None:
-    """Register the block type and the on-demand deployments, and run them here."""
+    """Register the block type and one deployment per flow, and run them here."""
     await NanoPhotoCredentials.aregister_type_and_schema()
+    tags = ["sora2", "served"]
     await aserve(
-        await topic_to_video.ato_deployment(name="served", tags=["sora2", "served"]),
-        await prompt_to_video.ato_deployment(name="served", tags=["sora2", "served"]),
-        await resume_video.ato_deployment(name="served", tags=["sora2", "served"]),
+        *[
+            await each.ato_deployment(name="served", tags=tags, enforce_parameter_schema=True)
+            for each in (topic_to_video, prompt_to_video, resume_video, batch_of_videos)
+        ],
         limit=4,
     )
 

@@ -5,7 +5,7 @@ failure never stops the others: the batch reports what each became. Before
 an item is submitted its price comes from the cost table; an item that would
 take the batch over its credit budget is not submitted, and is reported.
 Checks are timed by ``nanophoto.planner.BudgetPlanner``, so a batch the
-key's 100 requests an hour cannot watch eagerly still makes the most videos.
+key's hourly request limit cannot watch eagerly still makes the most videos.
 """
 
 from __future__ import annotations
@@ -19,156 +19,77 @@ from typing import Annotated, Literal, Self
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from flows.video import RESULTS, earlier_attempt, make_video
-from nanophoto.contract import (
-    DEFAULT_ASPECT_RATIO,
-    DEFAULT_DURATION,
-    DEFAULT_LOCALE,
-    DEFAULT_MODE,
-    DEFAULT_PROMPT_MODEL,
-    DEFAULT_TECHNIQUE,
-    DEFAULT_TIER,
-    PROMPT_COST,
-    AspectRatio,
-    Duration,
-    Locale,
-    Mode,
-    ModelTier,
-    Technique,
-)
+from flows.forms import described
+from flows.pipeline import Watching, finish_earlier_attempt, submit_and_finish
+from flows.video import RESULTS
+from nanophoto.contract import PROMPT_COST
 from nanophoto.errors import GenerationFailedError, NanoPhotoError, SubmitOutcomeUnknownError
 from nanophoto.models import (
-    ImageUrls,
-    ModelName,
+    PromptOptions,
     PromptRequest,
     PromptText,
     Topic,
+    VideoJob,
     VideoOptions,
+    VideoRequest,
     VideoResult,
+    fingerprint,
 )
 from nanophoto.planner import BudgetPlanner
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import CheckPlan, WatchSchedule
 from tasks.observe import BatchProgress, best_effort
 from tasks.ratelimit import shared_limiter
-from tasks.submissions import IdempotencyKey, fingerprint, resolve_idempotency_key
+from tasks.submissions import IdempotencyKey, resolve_idempotency_key
 from tasks.video import generate_prompt
 
 ItemStatus = Literal["delivered", "failed", "over_budget"]
 
 
-class BatchItem(BaseModel):
-    """One video of a batch: a topic (a prompt is written first) or a ready prompt."""
+class BatchItem(VideoOptions, PromptOptions):
+    """One video of a batch: a topic (a prompt is written first) or a ready prompt.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Its options are the same fields, with the same descriptions, as the
+    flows' (``nanophoto.models``); the prompt options apply to topics only.
+    """
 
     topic: Topic | None = Field(
         None,
         title="Topic",
-        description="What the video is about: 1 to 500 characters, not only spaces "
-        "(or give a prompt instead).",
+        description=str(PromptRequest.model_fields["topic"].description)
+        + " Give a topic or a prompt.",
     )
     prompt: PromptText | None = Field(
         None,
         title="Prompt",
-        description="A ready video prompt, not only spaces (or give a topic instead).",
-    )
-    technique: Technique = Field(
-        DEFAULT_TECHNIQUE,
-        title="Technique",
-        description="The cinematic technique the prompt builds the shots around (topics only).",
-    )
-    locale: Locale = Field(
-        DEFAULT_LOCALE,
-        title="Locale",
-        description="The language the prompt is written in (topics only).",
-    )
-    prompt_model: ModelName = Field(
-        DEFAULT_PROMPT_MODEL,
-        title="Prompt model",
-        description="The model that writes the prompt (topics only).",
-    )
-    mode: Mode = Field(
-        DEFAULT_MODE,
-        title="Mode",
-        description="textToVideo, or imageToVideo to start from reference images.",
-    )
-    image_urls: ImageUrls = Field(
-        default_factory=list,
-        title="Image URLs",
-        description="Up to 3 public image addresses starting with http:// or https:// (no "
-        "file paths, data: URLs or base64); required for imageToVideo.",
-    )
-    model_tier: ModelTier = Field(
-        DEFAULT_TIER,
-        title="Model tier",
-        description="sora2 (cheapest, fastest), sora2-pro-standard (720p) or "
-        "sora2-pro-high (1080p).",
-    )
-    aspect_ratio: AspectRatio = Field(
-        DEFAULT_ASPECT_RATIO, title="Aspect ratio", description="portrait or landscape."
-    )
-    duration: Duration = Field(
-        DEFAULT_DURATION, title="Duration", description="Video length in seconds, 10 or 15."
+        description=str(VideoRequest.model_fields["prompt"].description)
+        + " Give a topic or a prompt.",
     )
 
     @model_validator(mode="after")
-    def _complete(self) -> Self:
-        """A topic or a prompt, and options the API takes: checked before anything is paid."""
+    def _topic_or_prompt(self) -> Self:
+        """A topic or a prompt: checked, with the options, before anything is paid."""
         if (self.topic is None) == (self.prompt is None):
             raise ValueError("give either a topic or a prompt, not both and not neither")
-        try:
-            if self.topic is not None:
-                self.prompt_request()
-            self.options.with_prompt(self.prompt or "placeholder")
-        except ValidationError as error:
-            detail = error.errors()[0]
-            field = ".".join(str(part) for part in detail["loc"]) or "options"
-            raise ValueError(f"{field}: {detail['msg']}") from None
         return self
 
-    @property
-    def options(self) -> VideoOptions:
-        """How the video is rendered."""
-        return VideoOptions(
-            mode=self.mode,
-            image_urls=self.image_urls,
-            model_tier=self.model_tier,
-            aspect_ratio=self.aspect_ratio,
-            video_duration=self.duration,
-        )
+    def job(self) -> VideoJob:
+        """What this item makes: a topic's prompt and video, or a ready prompt's video."""
+        values = self.model_dump()
+        return PromptRequest.pick(values) if self.topic is not None else VideoRequest.pick(values)
 
     @property
     def price(self) -> int:
         """Credits the item costs: its prompt, if it has a topic, and its video."""
-        return self.options.cost + (PROMPT_COST if self.topic is not None else 0)
+        return self.job().price
 
     @property
     def label(self) -> str:
         """The item as a person knows it, in a table cell."""
         text = " ".join((self.topic or self.prompt or "").split())
         return text[:60] + ("…" if len(text) > 60 else "")
-
-    def prompt_request(self) -> PromptRequest:
-        """The prompt request for a topic item."""
-        return PromptRequest(
-            topic=self.topic or "",
-            technique=self.technique,
-            duration=self.duration,
-            locale=self.locale,
-            mode=self.mode,
-            image_urls=self.image_urls,
-            model=self.prompt_model,
-        )
-
-    def fingerprint(self) -> str:
-        """What is paid for, so a batch key reused for other items is noticed."""
-        if self.topic is not None:
-            source = self.prompt_request().model_dump(mode="json", exclude={"mode", "image_urls"})
-            return fingerprint(self.options, {"topic": source})
-        return fingerprint(self.options, {"prompt": self.prompt})
 
 
 class ItemOutcome(BaseModel):
@@ -234,6 +155,7 @@ def _batch_run_name() -> str:
 
 
 @flow(name="batch-of-videos", flow_run_name=_batch_run_name, **RESULTS)
+@described
 async def batch_of_videos(
     items: list[BatchItem],
     credit_budget: int | None = None,
@@ -245,18 +167,16 @@ async def batch_of_videos(
     """Make many videos at once: each item a topic or a ready prompt, with its own options.
 
     Args:
-        items: The videos to make. Each has a topic (its prompt is written first, 2
-            credits) or a ready prompt, and optionally its own technique, locale, mode,
+        items: The videos to make. Each has a topic (its prompt is written first, and
+            paid for) or a ready prompt, and optionally its own technique, locale, mode,
             image_urls, model_tier, aspect_ratio and duration.
         credit_budget: Most credits the batch may spend (prompts and videos, from the
             cost table). Items that would go over it are not submitted and are
             reported. Empty: no budget.
         max_in_flight: Most videos being prompted, generated or downloaded at once.
-        schedule: The checks' rhythm when the key's request budget allows it (first
-            check, interval, when to stop watching); when it does not, checks are
-            timed by the generation times seen so far.
-        output_dir: Folder on the worker, or an fsspec URL (s3://bucket/videos), to save
-            the videos in, named by task id; empty to skip downloads.
+        schedule: The checks' rhythm, in NanoPhoto's seconds, when the key's request
+            budget allows it (first check, interval, when to stop watching); when it
+            does not, checks are timed by the generation times seen so far.
         batch_key: Runs with the same key make each item's video once, paid once
             (item n's key is the batch key followed by ":n"). 1 to 200 letters,
             digits and the characters _ . : - (no spaces). Empty: this flow run's id.
@@ -378,30 +298,27 @@ async def _run_item(
         nonlocal paid, watched
         paid = watched = task_id
 
+    job = item.job()
+    how = Watching(schedule, output_dir, plan=plan, artifacts=False, checks_as_tasks=False)
     try:
-        print_ = item.fingerprint()
-        earlier, attempt = await earlier_attempt(
-            key, print_, schedule, output_dir, plan=plan, quiet=True
-        )
-        if earlier is not None:
-            result = earlier
+        print_ = fingerprint(job)
+        earlier = await finish_earlier_attempt(key, print_, how)
+        if earlier.result is not None:
+            result = earlier.result
         else:
             prompt_seconds, text = 0.0, item.prompt or ""
-            if item.topic is not None:
-                generated = await generate_prompt(item.prompt_request())
+            if isinstance(job, PromptRequest):
+                generated = await generate_prompt(job)
                 prompt_credits = PROMPT_COST * generated.streams_charged
                 prompt_seconds, text = time.monotonic() - started, generated.text
-            result = await make_video(
-                item.options.with_prompt(text),
+            result = await submit_and_finish(
+                job.with_prompt(text),
                 key,
                 print_,
-                attempt,
-                schedule,
-                output_dir,
+                earlier.attempt,
+                how,
                 prompt_seconds=prompt_seconds,
                 prompt_credits=prompt_credits,
-                plan=plan,
-                quiet=True,
                 on_submitted=submitted,
             )
     except Exception as error:
@@ -410,7 +327,7 @@ async def _run_item(
         charged = (paid is not None or isinstance(error, SubmitOutcomeUnknownError)) and not (
             isinstance(error, GenerationFailedError)
         )
-        spent = prompt_credits + (item.options.cost if charged else 0)
+        spent = prompt_credits + (job.cost if charged else 0)
         credits.settle(item.price, spent)
         if watched is not None:
             planner.finish(watched)
@@ -426,7 +343,7 @@ async def _run_item(
             }
         )
     planner.finish(result.task_id, result.generation_time)
-    spent = result.credits_used if earlier is None else 0  # an earlier run paid for it
+    spent = result.credits_used if earlier.result is None else 0  # an earlier run paid for it
     credits.settle(item.price, spent)
     return _delivered(outcome, result, spent, time.monotonic() - started)
 

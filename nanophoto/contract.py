@@ -64,6 +64,14 @@ class ModelTier(StrEnum):
     PRO_HIGH = "sora2-pro-high"
 
 
+# What each tier is, in the contract's words.
+TIER_NOTES: Final[dict[ModelTier, str]] = {
+    ModelTier.SORA2: "cheapest, fastest",
+    ModelTier.PRO_STANDARD: "720p",
+    ModelTier.PRO_HIGH: "1080p",
+}
+
+
 class AspectRatio(StrEnum):
     """The video's orientation."""
 
@@ -101,6 +109,17 @@ VIDEO_COST: Final[dict[tuple[ModelTier, int], int]] = {
 def video_cost(tier: ModelTier | str, duration: int) -> int:
     """Credits a video of this tier and duration costs, taken at submit."""
     return VIDEO_COST[(ModelTier(tier), int(duration))]
+
+
+def tier_prices() -> str:
+    """The cost table in words, for help texts and run forms: ``sora2 (4/8 credits, ...)``."""
+    per = "/".join(str(d) for d in DURATIONS)
+    tiers = [
+        f"{tier.value} ({'/'.join(str(video_cost(tier, d)) for d in DURATIONS)} credits, "
+        f"{TIER_NOTES[tier]})"
+        for tier in ModelTier
+    ]
+    return f"{', '.join(tiers[:-1])} or {tiers[-1]}, for {per} seconds"
 
 
 RATE_LIMIT_PER_HOUR: Final = 100

@@ -56,19 +56,6 @@ class NanoPhotoError(Exception):
             f"retryable={self.retryable!r}, message={self.message!r})"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keep code/status/flags when Prefect pickles the exception into a state.
-        return (_rebuild_error, (type(self), self.message, dict(self.__dict__)))
-
-
-def _rebuild_error(
-    cls: type[NanoPhotoError], message: str, attrs: dict[str, Any]
-) -> NanoPhotoError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, message)
-    error.__dict__.update(attrs)
-    return error
-
 
 # --- the server answered with an error document ------------------------------
 

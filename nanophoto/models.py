@@ -6,9 +6,13 @@ names the field before any request is sent and before any credit is spent.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from enum import StrEnum
+from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -32,8 +36,10 @@ from nanophoto.contract import (
     DEFAULT_PROMPT_MODEL,
     DEFAULT_TECHNIQUE,
     DEFAULT_TIER,
+    DURATIONS,
     FAILED,
     MAX_IMAGE_URLS,
+    PROMPT_COST,
     TOPIC_MAX_CHARS,
     AspectRatio,
     Duration,
@@ -41,6 +47,7 @@ from nanophoto.contract import (
     Mode,
     ModelTier,
     Technique,
+    tier_prices,
     video_cost,
 )
 
@@ -64,31 +71,107 @@ def schema_pattern(pattern: str) -> Any:
 
 
 _NOT_BLANK = r"\S"
-Topic = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=TOPIC_MAX_CHARS),
-    schema_pattern(_NOT_BLANK),
-]
+# Invisible characters that some servers' trimming removes and Python's does not.
+_INVISIBLE = "\ufeff\u200b"
+
+
+def _trimmed(value: Any) -> Any:
+    """Trim as the service may: every whitespace Python knows (the ASCII separators
+    \\x1c-\\x1f included, which pydantic's own trimming keeps), and the invisible ones."""
+    return value.strip().strip(_INVISIBLE).strip() if isinstance(value, str) else value
+
+
+def _text(max_length: int | None = None) -> list[Any]:
+    """A text field that is not blank once trimmed (and at most ``max_length`` long)."""
+    return [
+        BeforeValidator(_trimmed),
+        StringConstraints(min_length=1, max_length=max_length),
+        schema_pattern(_NOT_BLANK),
+    ]
+
+
+Topic = Annotated[str, *_text(TOPIC_MAX_CHARS)]
 
 
 ImageUrl = Annotated[
     str, AfterValidator(check_image_url), schema_pattern(r"^\s*[hH][tT][tT][pP][sS]?://")
 ]
 ImageUrls = Annotated[list[ImageUrl], Field(max_length=MAX_IMAGE_URLS)]
-PromptText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1), schema_pattern(_NOT_BLANK)
-]
-ModelName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1), schema_pattern(_NOT_BLANK)
-]
+PromptText = Annotated[str, *_text()]
+ModelName = Annotated[str, *_text()]
 
 
-class _Request(BaseModel):
+def _choices(enum: type[StrEnum]) -> str:
+    names = [member.value for member in enum]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+class _Options(BaseModel):
+    """Options shared by every entry point: each field is declared here, once.
+
+    The flows' run forms, the batch items, the command line's flags and the
+    requests' bodies all come from these fields (their type, default, title
+    and description).
+    """
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Mode = DEFAULT_MODE
-    image_urls: list[ImageUrl] = Field(
-        default_factory=list, max_length=MAX_IMAGE_URLS, validate_default=True
+    @classmethod
+    def pick(cls, values: Mapping[str, Any], **more: Any) -> Self:
+        """This model from those of ``values`` that are its fields (a flow's parameters)."""
+        return cls.model_validate(
+            {**{name: values[name] for name in cls.model_fields if name in values}, **more}
+        )
+
+
+class PromptOptions(_Options):
+    """How a topic's prompt is written."""
+
+    technique: Technique = Field(
+        DEFAULT_TECHNIQUE,
+        title="Technique",
+        description="The cinematic technique the prompt builds the shots around: "
+        f"{_choices(Technique)}.",
+    )
+    locale: Locale = Field(
+        DEFAULT_LOCALE,
+        title="Locale",
+        description=f"The language the prompt is written in: {_choices(Locale)}.",
+    )
+    prompt_model: ModelName = Field(
+        DEFAULT_PROMPT_MODEL,
+        title="Prompt model",
+        description="The model that writes the prompt (any model name NanoPhoto offers).",
+    )
+
+
+class VideoOptions(_Options):
+    """How a video is rendered, validated before any prompt or video is paid for."""
+
+    mode: Mode = Field(
+        DEFAULT_MODE,
+        title="Mode",
+        description=f"{Mode.TEXT_TO_VIDEO.value}, or {Mode.IMAGE_TO_VIDEO.value} to start "
+        "from reference images.",
+    )
+    image_urls: ImageUrls = Field(
+        default_factory=list,
+        validate_default=True,
+        title="Image URLs",
+        description=f"Up to {MAX_IMAGE_URLS} public image addresses starting with http:// "
+        f"or https:// (no file paths, data: URLs or base64); required for "
+        f"{Mode.IMAGE_TO_VIDEO.value}.",
+    )
+    model_tier: ModelTier = Field(
+        DEFAULT_TIER, title="Model tier", description=f"The Sora 2 tier: {tier_prices()}."
+    )
+    aspect_ratio: AspectRatio = Field(
+        DEFAULT_ASPECT_RATIO, title="Aspect ratio", description=f"{_choices(AspectRatio)}."
+    )
+    duration: Duration = Field(
+        DEFAULT_DURATION,
+        title="Duration",
+        description=f"Video length in seconds: {' or '.join(map(str, DURATIONS))}.",
     )
 
     @field_validator("image_urls")
@@ -96,19 +179,42 @@ class _Request(BaseModel):
     def _images_for_image_mode(cls, urls: list[str], info: ValidationInfo) -> list[str]:
         if info.data.get("mode") == Mode.IMAGE_TO_VIDEO and not urls:
             raise ValueError(
-                f"imageToVideo needs 1 to {MAX_IMAGE_URLS} image URLs; none were given"
+                f"{Mode.IMAGE_TO_VIDEO.value} needs 1 to {MAX_IMAGE_URLS} image URLs; "
+                "none were given"
             )
         return urls
 
+    @property
+    def cost(self) -> int:
+        """Credits this video costs at submit (refunded if it fails)."""
+        return video_cost(self.model_tier, self.duration)
 
-class PromptRequest(_Request):
-    """What ``/generate-prompt`` takes: a topic and how to film it."""
+    @property
+    def video(self) -> VideoOptions:
+        """Only the video's options (a request carries more)."""
+        return VideoOptions.pick(self.model_dump())
 
-    topic: Topic
-    technique: Technique = DEFAULT_TECHNIQUE
-    duration: Duration = DEFAULT_DURATION
-    locale: Locale = DEFAULT_LOCALE
-    model: ModelName = DEFAULT_PROMPT_MODEL
+    def with_prompt(self, prompt: str) -> VideoRequest:
+        """A submit request for this prompt with these options."""
+        return VideoRequest.pick(self.model_dump(), prompt=prompt)
+
+
+class PromptRequest(VideoOptions, PromptOptions):
+    """What ``/generate-prompt`` takes: a topic, how to write it, and the video it is for.
+
+    A topic job: its prompt is written first (``PROMPT_COST`` credits), then the
+    video is made with its ``VideoOptions``.
+    """
+
+    topic: Topic = Field(
+        title="Topic",
+        description=f"What the video is about: 1 to {TOPIC_MAX_CHARS} characters, not only spaces.",
+    )
+
+    @property
+    def price(self) -> int:
+        """Credits the whole job costs: the prompt and the video."""
+        return PROMPT_COST + self.cost
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON body: ``duration`` is a number on this endpoint."""
@@ -117,7 +223,7 @@ class PromptRequest(_Request):
             "mode": self.mode.value,
             "technique": self.technique.value,
             "duration": self.duration,
-            "model": self.model,
+            "model": self.prompt_model,
             "locale": self.locale.value,
         }
         if self.image_urls:
@@ -125,27 +231,19 @@ class PromptRequest(_Request):
         return body
 
 
-class VideoOptions(_Request):
-    """How to render a video, validated before any prompt is paid for."""
-
-    model_tier: ModelTier = DEFAULT_TIER
-    aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
-    video_duration: Duration = DEFAULT_DURATION
-
-    @property
-    def cost(self) -> int:
-        """Credits this video costs at submit (refunded if it fails)."""
-        return video_cost(self.model_tier, self.video_duration)
-
-    def with_prompt(self, prompt: str) -> VideoRequest:
-        """A submit request for this prompt with these options."""
-        return VideoRequest(prompt=prompt, **self.model_dump())
-
-
 class VideoRequest(VideoOptions):
     """What ``/generate`` takes: a ready prompt and the rendering options."""
 
-    prompt: PromptText
+    prompt: PromptText = Field(
+        title="Prompt",
+        description="A ready video prompt, as written by you or the prompt generator; not "
+        "only spaces.",
+    )
+
+    @property
+    def price(self) -> int:
+        """Credits the job costs: the video."""
+        return self.cost
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON body: ``videoDuration`` is a string on this endpoint."""
@@ -154,11 +252,46 @@ class VideoRequest(VideoOptions):
             "mode": self.mode.value,
             "modelTier": self.model_tier.value,
             "aspectRatio": self.aspect_ratio.value,
-            "videoDuration": str(self.video_duration),
+            "videoDuration": str(self.duration),
         }
         if self.image_urls:
             body["imageUrls"] = list(self.image_urls)
         return body
+
+
+# One video to make: a topic (its prompt is written first) or a ready prompt.
+VideoJob = PromptRequest | VideoRequest
+
+
+def fingerprint(job: VideoJob) -> str:
+    """A hash of what is paid for: the video's options and where its prompt comes from
+    (the ready prompt, or the topic and how its prompt is written), so an idempotency
+    key reused for another video is noticed.
+
+    Its layout is frozen (the names are those records were first written with), so a
+    record written by an earlier version still matches the same job.
+    """
+    options = {
+        "mode": job.mode.value,
+        "image_urls": list(job.image_urls),
+        "model_tier": job.model_tier.value,
+        "aspect_ratio": job.aspect_ratio.value,
+        "video_duration": job.duration,
+    }
+    if isinstance(job, PromptRequest):
+        source: dict[str, Any] = {
+            "topic": {
+                "topic": job.topic,
+                "technique": job.technique.value,
+                "duration": job.duration,
+                "locale": job.locale.value,
+                "model": job.prompt_model,
+            }
+        }
+    else:
+        source = {"prompt": job.prompt}
+    blob = json.dumps({"options": options, "source": source}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _number_or_none(value: Any) -> float | None:

@@ -1,6 +1,6 @@
 """The key's request budget: at most ``requests`` API calls in any ``window`` seconds.
 
-NanoPhoto allows 100 requests an hour per key, counted over a sliding hour.
+NanoPhoto allows a key ``RATE_LIMIT_PER_HOUR`` requests, counted over a sliding hour.
 ``RequestLimiter`` enforces exactly that in one process, so this process
 never causes a 429. Requests are granted in priority order (``PROMPT`` and
 ``SUBMIT`` before ``CHECK``): a submit starts a generation that runs while we
@@ -53,7 +53,7 @@ class RequestLimiter:
 
     Example:
         ```python
-        limiter = RequestLimiter(100, 3600)
+        limiter = RequestLimiter(RATE_LIMIT_PER_HOUR, RATE_WINDOW_S)
         await limiter.acquire(Priority.SUBMIT)
         ```
     """

@@ -40,14 +40,15 @@ class WatchSchedule(BaseModel):
         ge=0,
         allow_inf_nan=False,
         description="Seconds to wait after submit before the first status check "
-        "(NanoPhoto advises 120: no video is ready sooner).",
+        f"(NanoPhoto advises {INITIAL_STATUS_DELAY_S:g}: no video is ready sooner).",
     )
     interval: float = Field(
         STATUS_CHECK_INTERVAL_S,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds between status checks (NanoPhoto advises 20). Each check "
-        "counts against the key's hourly request limit.",
+        description=f"Seconds between status checks (NanoPhoto advises "
+        f"{STATUS_CHECK_INTERVAL_S:g}). Each check counts against the key's hourly "
+        "request limit.",
     )
     max_wait: float = Field(
         MAX_WAIT_S,

@@ -38,7 +38,7 @@ class NanoPhotoCredentials(Block):
         ```python
         from tasks.credentials import NanoPhotoCredentials
 
-        credentials = NanoPhotoCredentials.load("nanophoto")
+        credentials = NanoPhotoCredentials.load("BLOCK_NAME")
         ```
     """
 

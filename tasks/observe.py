@@ -81,7 +81,7 @@ async def publish_prompt(request: VideoRequest, topic: str | None = None) -> Non
     lines += [
         "| tier | duration | aspect | mode | cost |",
         "|---|---|---|---|---|",
-        f"| {request.model_tier.value} | {request.video_duration} s | "
+        f"| {request.model_tier.value} | {request.duration} s | "
         f"{request.aspect_ratio.value} | {request.mode.value} | {request.cost} credits |",
         "",
         _fenced(request.prompt),

@@ -62,9 +62,21 @@ class RateBudgetUnavailableError(NanoPhotoError):
 class PrefectRequestBudget:
     """Slots of the global concurrency limit, each held for one rate window."""
 
-    def __init__(self, name: str = RATE_LIMIT_NAME, *, window: float) -> None:
+    def __init__(
+        self,
+        name: str = RATE_LIMIT_NAME,
+        *,
+        window: float,
+        stuck_after: float | None = None,
+        api_retries: int = _API_RETRIES,
+        api_retry_delay: float = 0.5,
+    ) -> None:
         self.name = name
         self.window = window * (1 + WINDOW_MARGIN)
+        # Full for longer than a window and the shortest lease: its slots are orphaned.
+        self.stuck_after = stuck_after or self.window * 1.1 + _MIN_LEASE_S
+        self.api_retries = api_retries
+        self.api_retry_delay = api_retry_delay
         self._limit: int | None = None
         self._releases: set[asyncio.Task[None]] = set()
         # One budget call at a time from this process: concurrent writes to a
@@ -87,7 +99,17 @@ class PrefectRequestBudget:
         naming the cause, so no run waits forever.
         """
         async with get_client() as client:
-            limit = await self._read_limit(client)
+            failures = 0
+            while True:
+                try:
+                    limit = await self._read_limit(client)
+                    break
+                except (httpx.TransportError, httpx.HTTPStatusError) as error:
+                    if isinstance(error, httpx.HTTPStatusError) and (
+                        error.response.status_code < 500
+                    ):
+                        raise
+                    failures = await self._pause_after_failure(failures, error)
             poll = min(max(self.window / limit / 4, 0.02), 5.0)
             take = min(count, limit)
             full_since: float | None = None
@@ -106,7 +128,7 @@ class PrefectRequestBudget:
                     if error.response.status_code == 423:  # slots = requests of the last hour
                         now = time.monotonic()
                         full_since = full_since or now
-                        if now - full_since > self.window * 1.1 + _MIN_LEASE_S:
+                        if now - full_since > self.stuck_after:
                             raise self._stuck() from None
                         take = 1  # never wait for several slots at once: others take them
                         await asyncio.sleep(poll)
@@ -130,12 +152,12 @@ class PrefectRequestBudget:
 
     async def _pause_after_failure(self, failures: int, error: Exception) -> int:
         """Back off after a failed call to the Prefect API; give up after a few."""
-        if failures >= _API_RETRIES:
+        if failures >= self.api_retries:
             raise RateBudgetUnavailableError(
                 f"the Prefect API did not answer the request budget's call "
-                f"({type(error).__name__}) after {_API_RETRIES} retries"
+                f"({type(error).__name__}) after {self.api_retries} retries; nothing was sent"
             ) from None
-        await asyncio.sleep(min(2.0**failures * 0.5, 10.0))
+        await asyncio.sleep(min(2.0**failures * self.api_retry_delay, 10.0))
         return failures + 1
 
     def _stuck(self) -> RateBudgetMissingError:

@@ -102,7 +102,7 @@ async def submit_video(record: SubmissionRecord, request: VideoRequest) -> Video
         "submitted %s (%s, %s s, %s): %s credits",
         status.task_id,
         request.model_tier.value,
-        request.video_duration,
+        request.duration,
         request.aspect_ratio.value,
         request.cost,
     )

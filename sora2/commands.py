@@ -1,0 +1,228 @@
+"""The ``sora2`` commands: submit, status, resume, prompt, video, sandbox.
+
+Each takes its parsed arguments and the command's ``Session``, checks every
+argument before anything is sent, and returns the exit code: 0 success, 1
+failure, 2 bad arguments (from ``UsageError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from nanophoto.client import NanoPhotoClient
+from nanophoto.contract import PROCESSING
+from nanophoto.errors import NanoPhotoError
+from nanophoto.models import VideoRequest, VideoStatus, video_filename
+from nanophoto.ratelimit import RequestLimiter
+from nanophoto.settings import NanoPhotoSettings
+from nanophoto.watch import WatchSchedule
+from sora2.arguments import (
+    UsageError,
+    prompt_request_from,
+    schedule_from,
+    settings_from,
+    video_request_from,
+    watch_schedule_from,
+)
+from sora2.output import Session
+from sora2.watching import EXIT_FAILED, EXIT_OK, follow, watch_to_end
+
+
+def _client(args: argparse.Namespace, settings: NanoPhotoSettings) -> NanoPhotoClient:
+    """A client held to the key's request budget by an in-process limiter.
+
+    The command line has no Prefect server to share the budget through, so
+    each command keeps its own requests under the key's limit.
+    """
+    return NanoPhotoClient(
+        args.api_key,
+        settings=settings,
+        limiter=RequestLimiter(settings.rate_limit, settings.rate_window),
+    )
+
+
+def _task_id(args: argparse.Namespace) -> str:
+    task_id: str = args.task_id.strip()
+    if not task_id:
+        raise UsageError("--task-id: must be a NanoPhoto task id, not empty")
+    return task_id
+
+
+def submit(args: argparse.Namespace, session: Session) -> int:
+    """Start a video, and with ``--follow`` watch it to its end."""
+    request = video_request_from(args, args.prompt)
+    settings = settings_from(args)
+    schedule = watch_schedule_from(args, settings)
+    return asyncio.run(_submit(args, session, request, schedule, settings))
+
+
+async def _submit(
+    args: argparse.Namespace,
+    session: Session,
+    request: VideoRequest,
+    schedule: WatchSchedule,
+    settings: NanoPhotoSettings,
+) -> int:
+    async with _client(args, settings) as client:
+        session.submitting = True
+        try:
+            submitted = await client.submit(request)
+        except NanoPhotoError as error:
+            session.submitting = False
+            session.note(f"submit failed: {error}")
+            return EXIT_FAILED
+        session.submitting = False
+        session.task_id = submitted.task_id
+        submitted_at = time.monotonic()
+        session.out.document("submitted", submitted.raw)
+        session.note(
+            f"submitted {submitted.task_id} ({request.cost} credits); "
+            f"check it with: sora2 status --task-id {submitted.task_id}"
+        )
+        if not args.follow:
+            return EXIT_FAILED if submitted.is_failed else EXIT_OK
+        return await follow(client, submitted, schedule, session, submitted_at=submitted_at)
+
+
+def status(args: argparse.Namespace, session: Session) -> int:
+    """Print a task's status, and with ``--follow`` watch it to its end."""
+    task_id = _task_id(args)
+    settings = settings_from(args)
+    schedule = watch_schedule_from(args, settings)
+    session.task_id = task_id
+
+    async def run() -> int:
+        async with _client(args, settings) as client:
+            if args.follow:
+                pending = VideoStatus(task_id=task_id, status=PROCESSING)
+                return await follow(
+                    client, pending, schedule, session, submitted_at=time.monotonic()
+                )
+            try:
+                answer = await client.check_status(task_id)
+            except NanoPhotoError as error:
+                session.note(f"status check failed: {error}")
+                return EXIT_FAILED
+        session.out.document("status", answer.raw)
+        return EXIT_FAILED if answer.is_failed else EXIT_OK
+
+    return asyncio.run(run())
+
+
+def resume(args: argparse.Namespace, session: Session) -> int:
+    """Watch a submitted task from now, download it, and print the result."""
+    task_id = _task_id(args)
+    try:
+        filename = video_filename(task_id)  # it names the file: refuse "../x" before anything
+    except ValueError as error:
+        raise UsageError(f"--task-id: {error}") from None
+    settings = settings_from(args)
+    schedule = watch_schedule_from(args, settings)
+    session.task_id = task_id
+
+    async def run() -> int:
+        async with _client(args, settings) as client:
+            pending = VideoStatus(task_id=task_id, status=PROCESSING)
+            final = await watch_to_end(client, pending, schedule, session, time.monotonic())
+            if final is None or not final.is_completed or final.video_url is None:
+                return EXIT_FAILED
+            try:
+                video = await client.download(final.video_url, Path(args.output_dir) / filename)
+            except NanoPhotoError as error:
+                session.note(f"download failed: {error}")
+                return EXIT_FAILED
+        session.out.document(
+            "video",
+            {
+                "taskId": task_id,
+                "videoUrl": final.video_url,
+                "videoPath": str(video.path),
+                "size": video.size,
+                "sha256": video.sha256,
+                "generationTime": final.generation_time,
+                "creditsUsed": final.credits_used,
+            },
+        )
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def prompt(args: argparse.Namespace, session: Session) -> int:
+    """Stream a prompt to a terminal; write it whole to a file or pipe."""
+    request = prompt_request_from(args)
+    settings = settings_from(args)
+    out = session.out
+
+    async def run() -> int:
+        written = [""]
+        # Streamed to a terminal; to a file or pipe only once whole, so a
+        # restarted stream never leaves half a prompt in it.
+        live = out.stdout.isatty() and not args.json
+
+        def show(text: str) -> None:
+            if live:
+                out.stdout.write(text)
+                out.stdout.flush()
+                written[0] = text
+
+        def discard(error: NanoPhotoError, characters: int) -> None:
+            if live:
+                out.stdout.write("\n")
+            session.note(f"the stream broke after {characters} characters ({error.code}); again:")
+
+        async with _client(args, settings) as client:
+            try:
+                text = await client.generate_prompt(request, on_text=show, on_discard=discard)
+            except NanoPhotoError as error:
+                session.note(f"prompt failed: {error}")
+                return EXIT_FAILED
+        if args.json:
+            out.document("prompt", {"prompt": text.text, "streams": text.streams_charged})
+        elif not live:
+            out.stdout.write(text.text + "\n")
+        elif not written[0].endswith("\n"):
+            out.stdout.write("\n")  # end on a line break, once
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def video(args: argparse.Namespace, session: Session) -> int:
+    """Run the topic-to-video Prefect flow and print its result."""
+    job = prompt_request_from(args)  # the video's options too, before the prompt is paid for
+    schedule = schedule_from(args)
+    from flows.video import topic_to_video  # Prefect only for this command
+
+    async def run_flow() -> Any:
+        return await topic_to_video(
+            **job.model_dump(), schedule=schedule, output_dir=args.output_dir, return_state=True
+        )
+
+    state = asyncio.run(run_flow())
+    if not state.is_completed():
+        session.note(f"the flow run ended {state.name}: {state.message}")
+        return EXIT_FAILED
+    result = state.result()
+    session.out.document("video", result.model_dump(mode="json"))
+    return EXIT_OK
+
+
+def sandbox(args: argparse.Namespace, session: Session) -> int:
+    """Run the simulator until Ctrl-C; it prints the exports that point sora2 at it."""
+    from nanophoto_simulator.cli import main as simulator_main
+
+    argv = ["--port", str(args.port), "--time-scale", str(args.time_scale), "--key", args.key]
+    for fault in args.fault:
+        argv += ["--fault", fault]
+    try:
+        return simulator_main(argv)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as error:  # e.g. the port is taken
+        session.note(f"the sandbox could not start: {error}")
+        return EXIT_FAILED

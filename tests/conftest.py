@@ -7,18 +7,16 @@ the tests that need no server never pay its ~25 s start.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nanophoto.settings import NanoPhotoSettings
-from nanophoto.simulator import DEFAULT_KEY, Simulator, SimulatorConfig, SimulatorThread
+from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
+from tests.helpers import MakeSimulator
 
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-
-MakeSimulator = Callable[..., Simulator]
 
 
 @pytest.fixture(autouse=True)
@@ -52,30 +50,3 @@ def make_simulator() -> Iterator[MakeSimulator]:
 def simulator(make_simulator: MakeSimulator) -> Simulator:
     """A simulator 100x faster than real time, with the default key."""
     return make_simulator()
-
-
-def settings_for(simulator: Simulator, **overrides: Any) -> NanoPhotoSettings:
-    """Client settings pointing at ``simulator``, with short back-offs."""
-    values: dict[str, Any] = {
-        "api_key": DEFAULT_KEY,
-        "base_url": simulator.base_url,
-        "retry_base_delay": 0.01,
-        "retry_max_delay": 0.05,
-        "retry_rate_limit_delay": 0.05,
-    }
-    values.update(overrides)
-    return NanoPhotoSettings(**values)
-
-
-def use_simulator(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point the tasks' settings at ``simulator``, with short back-offs."""
-    monkeypatch.setenv("NANOPHOTO_BASE_URL", simulator.base_url)
-    monkeypatch.setenv("NANOPHOTO_API_KEY", DEFAULT_KEY)
-    # Our limiter keeps to the simulator's own limit and (compressed) hour.
-    config = simulator.config
-    monkeypatch.setenv("NANOPHOTO_RATE_LIMIT", str(config.rate_limit))
-    monkeypatch.setenv("NANOPHOTO_RATE_WINDOW", str(config.real(config.rate_window_seconds)))
-    monkeypatch.setenv("NANOPHOTO_TIME_SCALE", str(config.time_scale))
-    monkeypatch.setenv("NANOPHOTO_RETRY_BASE_DELAY", "0.01")
-    monkeypatch.setenv("NANOPHOTO_RETRY_MAX_DELAY", "0.05")
-    monkeypatch.setenv("NANOPHOTO_RETRY_RATE_LIMIT_DELAY", "0.05")

@@ -25,7 +25,7 @@ from prefect.deployments import arun_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import AwaitingRetry
 
-from nanophoto.simulator import Simulator, SimulatorConfig, SimulatorThread
+from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
 from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env
 
 KEY = "np-crash-test-key"

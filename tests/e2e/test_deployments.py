@@ -34,8 +34,8 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from nanophoto.simulator import Simulator, SimulatorConfig, SimulatorThread
-from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env
+from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
+from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env, stop
 
 SECRET = "np-e2e-7f3a9c1d5b-SECRET"
 SCHEDULE = {"initial_delay": 1.2, "interval": 0.2, "max_wait": 12.0, "expected_generation": 3.0}
@@ -101,8 +101,7 @@ def test_deployments_run_on_a_real_server_and_worker(
         assert flow_run.state is not None
         assert flow_run.state.is_completed(), worker_log_tail(prefect_server, "worker-block")
         assert flow_run.name == "video: A red fox in fresh snow"
-        block_worker.terminate()
-        block_worker.wait(timeout=30)
+        stop(block_worker)  # SIGTERM, then SIGKILL if a loaded machine makes it slow
 
         # 3. A worker with the key in its environment, and a run from the CLI.
         prefect_server.start(

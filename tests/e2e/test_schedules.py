@@ -28,7 +28,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymen
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from nanophoto.simulator import Simulator, SimulatorConfig, SimulatorThread
+from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
 from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env
 
 KEY = "np-schedule-test-key"

@@ -10,11 +10,9 @@ import pytest
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from nanophoto.simulator import Simulator
+from nanophoto_simulator import Simulator
 from tasks.ratelimit import create_rate_limit
-from tests.conftest import MakeSimulator, use_simulator
-
-__all__ = ["use_simulator"]
+from tests.helpers import MakeSimulator, use_simulator
 
 SESSION_RATE_LIMIT: Final = 100_000
 

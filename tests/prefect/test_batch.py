@@ -16,12 +16,12 @@ from prefect.exceptions import ParameterTypeError
 
 from flows.batch import BatchItem, batch_of_videos
 from nanophoto.contract import ModelTier
-from nanophoto.simulator import DEFAULT_KEY
-from nanophoto.simulator.server import Simulator
 from nanophoto.watch import WatchSchedule
+from nanophoto_simulator import DEFAULT_KEY
+from nanophoto_simulator.server import Simulator
 from tasks.ratelimit import RATE_LIMIT_NAME, create_rate_limit
-from tests.conftest import MakeSimulator
-from tests.prefect.conftest import SESSION_RATE_LIMIT, use_simulator
+from tests.helpers import MakeSimulator, use_simulator
+from tests.prefect.conftest import SESSION_RATE_LIMIT
 
 FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 
@@ -92,7 +92,7 @@ async def test_a_bad_item_is_refused_by_index_before_anything_is_paid(api: Simul
         {"topic": "A fox at dawn"},
         {"prompt": "A cat", "mode": "imageToVideo"},  # no images
     ]
-    with pytest.raises(ParameterTypeError, match=r"items\.1: .*image_urls"):
+    with pytest.raises(ParameterTypeError, match=r"items\.1\W.*image_urls"):
         await batch_of_videos(items=items, schedule=FAST, output_dir="")  # type: ignore[arg-type]
     with pytest.raises(ParameterTypeError, match="topic or a prompt"):
         await batch_of_videos(items=[{"technique": "pov"}], schedule=FAST)  # type: ignore[list-item]

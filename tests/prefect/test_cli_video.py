@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanophoto.simulator import DEFAULT_KEY, Simulator
+from nanophoto_simulator import DEFAULT_KEY, Simulator
 from sora2.cli import main
 
 # NanoPhoto's seconds, as a user types them: NANOPHOTO_TIME_SCALE compresses them.

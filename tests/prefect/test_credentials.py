@@ -9,10 +9,10 @@ from pydantic import SecretStr, ValidationError
 
 from flows.video import prompt_to_video
 from nanophoto.errors import ConfigurationError, MissingAPIKeyError
-from nanophoto.simulator import Simulator
 from nanophoto.watch import WatchSchedule
+from nanophoto_simulator import Simulator
 from tasks.credentials import NanoPhotoCredentials
-from tests.conftest import MakeSimulator
+from tests.helpers import MakeSimulator
 
 FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 BLOCK_KEY = "np-block-key-42"

@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 
 from flows.video import prompt_to_video, topic_to_video
-from nanophoto.simulator import DEFAULT_KEY, Simulator
 from nanophoto.watch import WatchSchedule
+from nanophoto_simulator import DEFAULT_KEY, Simulator
 from tasks.submissions import SubmissionStore
-from tests.conftest import MakeSimulator
-from tests.prefect.conftest import use_simulator
-from tests.prefect.test_flows import _exception_text
+from tests.helpers import MakeSimulator, exception_text, use_simulator
 
 FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 # Unique per test session, so no record from an earlier session can interfere.
@@ -56,7 +54,7 @@ async def test_an_interrupted_watch_resumes_the_same_task(
         idempotency_key=KEYS[2],
         return_state=True,
     )
-    assert "WAIT_TIMEOUT" in await _exception_text(state)  # the first run gives up
+    assert "WAIT_TIMEOUT" in await exception_text(state)  # the first run gives up
     result = await prompt_to_video(
         prompt="a fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[2]
     )
@@ -71,11 +69,11 @@ async def test_an_unknown_outcome_is_never_resubmitted_under_its_key(api: Simula
     first = await prompt_to_video(
         prompt="a fox", schedule=FAST, idempotency_key=KEYS[3], return_state=True
     )
-    assert "SUBMIT_OUTCOME_UNKNOWN" in await _exception_text(first)
+    assert "SUBMIT_OUTCOME_UNKNOWN" in await exception_text(first)
     second = await prompt_to_video(
         prompt="a fox", schedule=FAST, idempotency_key=KEYS[3], return_state=True
     )
-    message = await _exception_text(second)
+    message = await exception_text(second)
     assert "SUBMIT_OUTCOME_UNKNOWN" in message
     assert KEYS[3] in message
     assert api.snapshot()["requests"][DEFAULT_KEY]["generate"] == 1
@@ -86,7 +84,7 @@ async def test_a_submit_refused_for_sure_may_be_sent_again(api: Simulator, tmp_p
     first = await prompt_to_video(
         prompt="a fox", schedule=FAST, idempotency_key=KEYS[4], return_state=True
     )
-    assert "API_KEY_RATE_LIMIT_EXCEEDED" in await _exception_text(first)
+    assert "API_KEY_RATE_LIMIT_EXCEEDED" in await exception_text(first)
     result = await prompt_to_video(
         prompt="a fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[4]
     )
@@ -97,9 +95,9 @@ async def test_a_submit_refused_for_sure_may_be_sent_again(api: Simulator, tmp_p
 async def test_a_key_reused_for_another_video_is_refused(api: Simulator) -> None:
     await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="", idempotency_key=KEYS[5])
     state = await prompt_to_video(
-        prompt="a fox", schedule=FAST, video_duration=15, idempotency_key=KEYS[5], return_state=True
+        prompt="a fox", schedule=FAST, duration=15, idempotency_key=KEYS[5], return_state=True
     )
-    assert "idempotency_key" in await _exception_text(state)
+    assert "idempotency_key" in await exception_text(state)
     assert api.snapshot()["submits"] == 1
 
 
@@ -120,7 +118,7 @@ async def test_after_a_failed_generation_the_key_pays_for_one_new_attempt(
         idempotency_key=KEYS[6],
         return_state=True,
     )
-    assert "GENERATION_FAILED" in await _exception_text(state)
+    assert "GENERATION_FAILED" in await exception_text(state)
     result = await prompt_to_video(
         prompt="a fox", schedule=FAST, output_dir=str(tmp_path), idempotency_key=KEYS[6]
     )
@@ -147,7 +145,7 @@ async def test_a_key_reused_for_another_prompt_is_refused(api: Simulator) -> Non
         idempotency_key=KEYS[7],
         return_state=True,
     )
-    assert "idempotency_key" in await _exception_text(state)
+    assert "idempotency_key" in await exception_text(state)
     assert api.snapshot()["submits"] == 1
 
 
@@ -161,5 +159,5 @@ async def test_an_unreadable_record_stops_instead_of_paying_again(
     state = await prompt_to_video(
         prompt="a fox", schedule=FAST, output_dir="", idempotency_key=KEYS[8], return_state=True
     )
-    assert "SUBMISSION_STORAGE_ERROR" in await _exception_text(state)
+    assert "SUBMISSION_STORAGE_ERROR" in await exception_text(state)
     assert api.snapshot()["submits"] == 1

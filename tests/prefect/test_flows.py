@@ -20,11 +20,10 @@ from flows.video import prompt_to_video, resume_video, topic_to_video
 from nanophoto.client import NanoPhotoClient
 from nanophoto.contract import AspectRatio, ModelTier
 from nanophoto.models import VideoRequest
-from nanophoto.simulator import DEFAULT_KEY
-from nanophoto.simulator.server import Simulator
 from nanophoto.watch import WatchSchedule
-from tests.conftest import MakeSimulator, settings_for
-from tests.prefect.conftest import use_simulator
+from nanophoto_simulator import DEFAULT_KEY
+from nanophoto_simulator.server import Simulator
+from tests.helpers import MakeSimulator, exception_text, settings_for, use_simulator
 
 FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 
@@ -55,7 +54,7 @@ async def test_a_ready_prompt_becomes_a_landscape_pro_video(api: Simulator, tmp_
         prompt="A lighthouse in a storm, slow push-in",
         model_tier=ModelTier.PRO_HIGH,
         aspect_ratio=AspectRatio.LANDSCAPE,
-        video_duration=15,
+        duration=15,
         schedule=FAST,
         output_dir=str(tmp_path),
     )
@@ -120,7 +119,7 @@ async def test_invalid_input_fails_naming_the_field_before_any_request(
     state = await topic_to_video(**parameters, return_state=True)
     assert isinstance(state, State)
     assert state.is_failed()
-    assert field in str(state.message) + (await _exception_text(state))
+    assert field in str(state.message) + (await exception_text(state))
     assert api.snapshot()["total_requests"] == 0
 
 
@@ -132,7 +131,7 @@ async def test_a_failed_generation_fails_the_run_with_its_error_code(
         prompt="a fox", schedule=FAST, output_dir=str(tmp_path), return_state=True
     )
     assert state.is_failed()
-    assert "GENERATION_FAILED" in (await _exception_text(state))
+    assert "GENERATION_FAILED" in (await exception_text(state))
     credits = api.snapshot()["credits"][DEFAULT_KEY]
     assert credits["charged"] == credits["refunded"] == 4
     assert list(tmp_path.iterdir()) == []
@@ -146,7 +145,7 @@ async def test_a_video_not_done_by_max_wait_fails_the_run_with_wait_timeout(
     schedule = WatchSchedule(initial_delay=120, interval=20, max_wait=200)
     state = await prompt_to_video(prompt="a fox", schedule=schedule, return_state=True)
     assert state.is_failed()
-    message = await _exception_text(state)
+    message = await exception_text(state)
     assert "WAIT_TIMEOUT" in message
     assert sim.snapshot()["tasks"][0]["task_id"] in message
     # At most the 5 slots 120..200 (fewer if a slow check made the watch skip
@@ -170,16 +169,8 @@ async def test_a_submit_whose_answer_was_lost_is_not_sent_again(api: Simulator) 
     api.queue_fault("generate", "dropped_connection_after")
     state = await prompt_to_video(prompt="a fox", schedule=FAST, return_state=True)
     assert state.is_failed()
-    assert "SUBMIT_OUTCOME_UNKNOWN" in (await _exception_text(state))
+    assert "SUBMIT_OUTCOME_UNKNOWN" in (await exception_text(state))
     assert api.snapshot()["requests"][DEFAULT_KEY]["generate"] == 1
-
-
-async def _exception_text(state: State[Any]) -> str:
-    try:
-        await state.aresult()
-    except Exception as error:
-        return str(error)
-    return ""
 
 
 async def test_resume_finishes_a_video_submitted_elsewhere_without_paying_again(
@@ -199,7 +190,7 @@ async def test_resume_finishes_a_video_submitted_elsewhere_without_paying_again(
 async def test_resume_of_an_unknown_task_fails_at_once(api: Simulator) -> None:
     state = await resume_video(task_id="task_nope", return_state=True)
     assert state.is_failed()
-    assert "TASK_NOT_FOUND" in (await _exception_text(state))
+    assert "TASK_NOT_FOUND" in (await exception_text(state))
     assert api.snapshot()["requests"][DEFAULT_KEY]["check-status"] == 1
 
 

@@ -44,10 +44,9 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from flows.video import topic_to_video
 from nanophoto.contract import PROMPT_COST
 from nanophoto.errors import NanoPhotoError
-from nanophoto.simulator import DEFAULT_KEY, Faults
 from nanophoto.watch import WatchSchedule
-from tests.conftest import MakeSimulator
-from tests.prefect.conftest import use_simulator
+from nanophoto_simulator import DEFAULT_KEY, Faults
+from tests.helpers import MakeSimulator, use_simulator
 
 VIDEOS = 100
 # The test harness's SQLite server answers 503 (database locked) when many runs

@@ -14,11 +14,10 @@ import httpx
 import pytest
 
 from nanophoto.contract import Locale, Technique
-from nanophoto.simulator import DEFAULT_KEY, Simulator
-from nanophoto.simulator.prompts import write_prompt
+from nanophoto_simulator import DEFAULT_KEY, Simulator
+from nanophoto_simulator.prompts import write_prompt
 from sora2.cli import main
-from tests.conftest import MakeSimulator, use_simulator
-from tests.e2e.conftest import free_port
+from tests.helpers import MakeSimulator, free_port, use_simulator
 
 # NanoPhoto's seconds, as a user types them: NANOPHOTO_TIME_SCALE compresses them.
 FAST = ["--initial-status-delay", "120", "--status-check-interval", "20", "--max-wait", "1200"]

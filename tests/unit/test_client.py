@@ -16,9 +16,9 @@ from nanophoto.errors import (
     TaskNotFoundError,
 )
 from nanophoto.models import PromptRequest, VideoOptions
-from nanophoto.simulator import DEFAULT_KEY, Simulator
-from nanophoto.simulator.config import Faults
-from tests.conftest import MakeSimulator, settings_for
+from nanophoto_simulator import DEFAULT_KEY, Simulator
+from nanophoto_simulator.config import Faults
+from tests.helpers import MakeSimulator, settings_for
 
 
 async def test_prompt_submit_check_download(make_simulator: MakeSimulator, tmp_path: Path) -> None:

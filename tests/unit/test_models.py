@@ -49,7 +49,7 @@ def test_prompt_request_refuses_invalid_input_naming_the_field(
     [
         ({"model_tier": "sora3"}, "model_tier"),
         ({"aspect_ratio": "square"}, "aspect_ratio"),
-        ({"video_duration": 12}, "video_duration"),
+        ({"duration": 12}, "duration"),
         ({"mode": "imageToVideo"}, "image_urls"),
         ({"image_urls": ["ftp://example.com/a.png"]}, "image_urls"),
     ],
@@ -90,7 +90,7 @@ def test_prompt_wire_format_sends_duration_as_a_number() -> None:
 
 def test_video_wire_format_sends_duration_as_a_string() -> None:
     request = VideoOptions(
-        mode="imageToVideo", image_urls=[IMAGE], model_tier="sora2-pro-high", video_duration=15
+        mode="imageToVideo", image_urls=[IMAGE], model_tier="sora2-pro-high", duration=15
     ).with_prompt("a fox")
     assert request.to_wire() == {
         "prompt": "a fox",
@@ -104,7 +104,7 @@ def test_video_wire_format_sends_duration_as_a_string() -> None:
 
 @pytest.mark.parametrize(("tier", "duration"), list(VIDEO_COST))
 def test_cost_comes_from_the_contract_table(tier: ModelTier, duration: int) -> None:
-    options = VideoOptions(model_tier=tier, video_duration=duration)
+    options = VideoOptions(model_tier=tier, duration=duration)
     assert options.cost == VIDEO_COST[(tier, duration)]
 
 

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from flows.video import topic_to_video
 from nanophoto.contract import MAX_IMAGE_URLS, AspectRatio, Locale, Mode, ModelTier, Technique
-from nanophoto.models import PromptRequest, VideoOptions
-from nanophoto.simulator import DEFAULT_KEY, SimulatorConfig, SimulatorThread
+from nanophoto.models import PromptRequest
+from nanophoto_simulator import DEFAULT_KEY, SimulatorConfig, SimulatorThread
 from sora2.cli import main
 
 URLS = [
@@ -37,6 +37,11 @@ URLS = [
 
 def choice(valid: list[str]) -> st.SearchStrategy[str]:
     return st.one_of(st.sampled_from(valid), st.text(max_size=12))
+
+
+def trimmed(text: str) -> str:
+    """The contract's "after trimming": any whitespace, and invisible marks (BOM, ZWSP)."""
+    return text.strip().strip("\ufeff\u200b").strip()
 
 
 def url_ok(url: str) -> bool:
@@ -61,7 +66,7 @@ inputs = st.fixed_dictionaries(
 def invalid_fields(values: dict[str, Any]) -> set[str]:
     """The oracle: which fields the contract refuses."""
     bad = set()
-    if not 1 <= len(values["topic"].strip()) <= 500:
+    if not 1 <= len(trimmed(values["topic"])) <= 500:
         bad.add("topic")
     for name, enum in (
         ("technique", Technique),
@@ -89,22 +94,8 @@ def refused_fields(values: dict[str, Any]) -> set[str]:
     except ParameterTypeError as error:
         # Prefect lists each bad parameter as " - name: message" or " - name.0: ...".
         return set(re.findall(r"^ - ([a-z_]+)[.:]", str(error), flags=re.MULTILINE))
-    try:  # the flow's first lines: the rules a schema cannot hold
-        PromptRequest(
-            topic=checked["topic"],
-            technique=checked["technique"],
-            duration=checked["duration"],
-            locale=checked["locale"],
-            mode=checked["mode"],
-            image_urls=checked["image_urls"],
-        )
-        VideoOptions(
-            mode=checked["mode"],
-            image_urls=checked["image_urls"],
-            model_tier=checked["model_tier"],
-            aspect_ratio=checked["aspect_ratio"],
-            video_duration=checked["duration"],
-        )
+    try:  # the flow's first line: the rules a schema cannot hold, by the flow's own builder
+        PromptRequest.pick(checked)
     except ValidationError as error:
         return {str(e["loc"][0]) for e in error.errors()}
     return set()
@@ -155,7 +146,7 @@ cli_inputs = st.fixed_dictionaries(
 
 def cli_invalid(values: dict[str, Any]) -> set[str]:
     bad = set()
-    if not values["prompt"].strip():
+    if not trimmed(values["prompt"]):
         bad.add("prompt")
     for name, enum in (("mode", Mode), ("model_tier", ModelTier), ("aspect_ratio", AspectRatio)):
         if values[name] not in {e.value for e in enum}:

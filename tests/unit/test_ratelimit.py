@@ -9,7 +9,7 @@ import pytest
 from nanophoto.client import NanoPhotoClient
 from nanophoto.models import VideoRequest
 from nanophoto.ratelimit import Priority, RequestLimiter
-from tests.conftest import MakeSimulator, settings_for
+from tests.helpers import MakeSimulator, settings_for
 
 
 class FakeTime:

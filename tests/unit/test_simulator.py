@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from nanophoto.contract import PROMPT_PATH, STATUS_PATH, SUBMIT_PATH, Locale, Technique
-from nanophoto.simulator import DEFAULT_KEY, Faults, Simulator, SimulatorConfig, SimulatorThread
-from nanophoto.simulator.prompts import write_prompt
-from tests.conftest import MakeSimulator
+from nanophoto_simulator import DEFAULT_KEY, Faults, Simulator, SimulatorConfig, SimulatorThread
+from nanophoto_simulator.prompts import write_prompt
+from tests.helpers import MakeSimulator
 
 AUTH = {"Authorization": f"Bearer {DEFAULT_KEY}"}
 SUBMIT = {"prompt": "a fox", "mode": "textToVideo"}

@@ -12,9 +12,9 @@ import pytest
 from nanophoto.client import NanoPhotoClient
 from nanophoto.errors import VideoUnavailableError
 from nanophoto.models import VideoRequest
-from nanophoto.simulator import Simulator
 from nanophoto.storage import VideoStore
-from tests.conftest import settings_for
+from nanophoto_simulator import Simulator
+from tests.helpers import settings_for
 
 
 async def submit_and_finish(client: NanoPhotoClient) -> tuple[str, str]:

@@ -1,0 +1,76 @@
+"""The shared request budget's edges, on a real Prefect server: the branches that keep a
+key under its limit, or stop a run before it sends anything, when the limit is full,
+stuck, or the Prefect API that shares it is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from nanophoto.client import NanoPhotoClient
+from nanophoto.errors import NanoPhotoError
+from nanophoto.models import VideoRequest
+from nanophoto.ratelimit import RequestLimiter
+from nanophoto_simulator import Simulator
+from tasks.ratelimit import PrefectRequestBudget, RateBudgetMissingError, RateBudgetUnavailableError
+from tests.helpers import free_port, settings_for
+
+
+@pytest.fixture
+async def small_limit() -> AsyncIterator[str]:
+    """A global concurrency limit of 2 of our own, deleted afterwards."""
+    name = f"budget-test-{uuid.uuid4().hex[:8]}"
+    async with get_client() as client:
+        await client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=2, active=True)
+        )
+    yield name
+    async with get_client() as client:
+        await client.delete_global_concurrency_limit_by_name(name)
+
+
+async def test_a_full_limit_waits_for_a_slot_instead_of_failing(small_limit: str) -> None:
+    """HTTP 423 (every slot held by the last window's requests): wait, then go."""
+    window = 3.0
+    first = PrefectRequestBudget(small_limit, window=window)
+    second = PrefectRequestBudget(small_limit, window=window)
+    await first.acquire(2)
+    filled_at = time.monotonic()
+    waiting = asyncio.create_task(second.acquire(1))
+    await asyncio.wait_for(waiting, timeout=60)
+    # The slot came free only when the first budget released one, a window later.
+    assert time.monotonic() - filled_at >= window
+
+
+async def test_a_limit_stuck_full_stops_the_request_with_what_to_do(small_limit: str) -> None:
+    """Slots held by leases nobody releases (a server that lost them): no endless wait."""
+    async with get_client() as client:
+        await client.increment_concurrency_slots_with_lease(
+            names=[small_limit], slots=2, mode="concurrency", lease_duration=300
+        )
+    budget = PrefectRequestBudget(small_limit, window=0.5, stuck_after=2.0)
+    with pytest.raises(RateBudgetMissingError, match="full for longer than one rate window"):
+        await asyncio.wait_for(budget.acquire(1), timeout=60)
+
+
+async def test_an_unreachable_prefect_api_stops_the_request_before_it_is_sent(
+    small_limit: str, simulator: Simulator
+) -> None:
+    budget = PrefectRequestBudget(small_limit, window=60, api_retries=2, api_retry_delay=0.01)
+    limiter = RequestLimiter(2, 60, upstream=budget)
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: dead}):
+        async with NanoPhotoClient(settings=settings_for(simulator), limiter=limiter) as client:
+            with pytest.raises(RateBudgetUnavailableError) as caught:
+                await asyncio.wait_for(client.submit(VideoRequest(prompt="a fox")), timeout=60)
+    error: NanoPhotoError = caught.value
+    assert error.code == "RATE_LIMIT_UNAVAILABLE"
+    assert not error.may_have_started  # a refusal, not an unknown outcome: nothing was sent
+    assert simulator.snapshot()["total_requests"] == 0

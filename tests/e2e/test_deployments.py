@@ -75,10 +75,10 @@ def test_deployments_run_on_a_real_server_and_worker(
         # One request budget for every run: 100 per hour, a window of leased slots.
         assert first["rate_limits"] == [("nanophoto-api", 100, 0.0)]
         assert first["active"]["weekly-batch/monday-shorts"] is False
-        asyncio.run(turn_on_schedule("topic-to-video/daily", "weekday-city"))
+        asyncio.run(turn_on_schedule("topic-to-video/weekday-city", "weekday-evenings"))
         assert "kept schedule" in run(setup, setup_env)
         second = asyncio.run(server_state())
-        assert second["active"] == {**first["active"], "daily/weekday-city": True}
+        assert second["active"] == {**first["active"], "weekday-city/weekday-evenings": True}
         assert {k: v for k, v in second.items() if k != "active"} == {
             k: v for k, v in first.items() if k != "active"
         }

@@ -1,14 +1,15 @@
 """A schedule that exists is not a schedule that runs: Prefect's scheduler must create the run.
 
 On a real ``prefect server start`` (as ``make server`` starts it), the
-project's ``prefect.yaml`` is deployed with one change: the daily deployment's
-``morning-nature`` schedule fires every few seconds instead of at 09:00.
-It is turned on the way the UI does it; the scheduler (not this test) creates
-a run, a process worker runs it against the simulator, and it completes with
-the schedule's own topic. Then setup runs again, as ``make deploy`` does after
-any change: the schedule stays on, keeps its parameters, and the scheduler's
-next run completes too. With SQLAlchemy 2.1 the scheduler never creates a run
-and this test fails.
+project's ``prefect.yaml`` is deployed with one change: the
+``morning-nature`` deployment's schedule fires every few seconds instead of
+at 09:00. It is turned on the way Prefect's V2 UI does it (a PATCH of
+``{"active": true}`` alone, after which the server stores the schedule's own
+parameters as ``{}``); the scheduler (not this test) creates a run, a process
+worker runs it against the simulator, and it completes with the deployment's
+topic. Then setup runs again, as ``make deploy`` does after any change: the
+schedule stays on, and the scheduler's next run completes too. With
+SQLAlchemy 2.1 the scheduler never creates a run and this test fails.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env
 
 KEY = "np-schedule-test-key"
 TIME_SCALE = 0.01
-DEPLOYMENT = "topic-to-video/daily"
-SLUG = "morning-nature"
+DEPLOYMENT = "topic-to-video/morning-nature"
+SLUG = "every-morning"
 INTERVAL_S = 20
 WORKER = [str(BIN / "prefect"), "worker", "start", "--pool", "sora2-process", "--type", "process"]
 
@@ -46,17 +47,19 @@ def simulator() -> Any:
 
 
 def prefect_file_firing_soon(path: Path, output_dir: Path) -> dict[str, Any]:
-    """The project's prefect.yaml, its morning schedule every INTERVAL_S seconds; its parameters."""
+    """The project's prefect.yaml, the morning schedule every INTERVAL_S seconds; the
+    deployment's parameters."""
     document = yaml.safe_load((PROJECT_DIR / "prefect.yaml").read_text(encoding="utf-8"))
-    daily = next(d for d in document["deployments"] if d["name"] == "daily")
-    schedule = next(s for s in daily["schedules"] if s["slug"] == SLUG)
+    morning = next(d for d in document["deployments"] if d["name"] == "morning-nature")
+    schedule = next(s for s in morning["schedules"] if s["slug"] == SLUG)
     assert schedule["active"] is False  # shipped paused: every run spends credits
+    assert "parameters" not in schedule  # a UI toggle would erase them there
     schedule.pop("cron")
     schedule.pop("timezone", None)
     schedule["interval"] = INTERVAL_S
-    schedule["parameters"]["output_dir"] = str(output_dir)
+    morning["parameters"]["output_dir"] = str(output_dir)
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return dict(schedule["parameters"])
+    return dict(morning["parameters"])
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 240) -> str:
@@ -91,7 +94,7 @@ def test_the_scheduler_runs_a_schedule_turned_on_and_a_redeploy_keeps_it(
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
         run(setup, setup_env)
-        asyncio.run(turn_on_as_the_ui_does(DEPLOYMENT, SLUG))
+        asyncio.run(turn_on_as_the_v2_ui_does(DEPLOYMENT, SLUG))
         prefect_server.start(WORKER, prefect_server.home / "worker.log", worker_env)
 
         first = wait_for_scheduled_run(prefect_server, after=None, within=180)
@@ -105,10 +108,9 @@ def test_the_scheduler_runs_a_schedule_turned_on_and_a_redeploy_keeps_it(
 
         # make deploy again: the schedule stays on and keeps its parameters.
         redeployed_at = datetime.now(UTC)
-        assert f"kept schedule daily/{SLUG} on" in run(setup, setup_env)
+        assert f"kept schedule morning-nature/{SLUG} on" in run(setup, setup_env)
         schedule = asyncio.run(read_schedule(DEPLOYMENT, SLUG))
         assert schedule.active
-        assert schedule.parameters == parameters
         second = wait_for_scheduled_run(prefect_server, after=redeployed_at, within=180)
         assert second.parameters["topic"] == parameters["topic"]
 
@@ -120,14 +122,12 @@ def test_the_scheduler_runs_a_schedule_turned_on_and_a_redeploy_keeps_it(
     assert saved <= {t["task_id"] for t in ledger["tasks"]}
 
 
-async def turn_on_as_the_ui_does(deployment: str, slug: str) -> None:
-    """The UI's toggle: the whole schedule back, with ``active`` on."""
+async def turn_on_as_the_v2_ui_does(deployment: str, slug: str) -> None:
+    """Prefect's V2 UI toggle: ``{"active": true}`` and nothing else."""
     async with get_client() as client:
         found = await client.read_deployment_by_name(deployment)
         schedule = next(s for s in found.schedules if s.slug == slug)
-        await client.update_deployment_schedule(
-            found.id, schedule.id, active=True, parameters=dict(schedule.parameters)
-        )
+        await client.update_deployment_schedule(found.id, schedule.id, active=True)
 
 
 async def read_schedule(deployment: str, slug: str) -> Any:

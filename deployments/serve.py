@@ -13,7 +13,7 @@ import sys
 from prefect import aserve
 
 from deployments.setup import require_api_url
-from flows import batch_of_videos, prompt_to_video, resume_video, topic_to_video
+from flows import batch_of_videos, prompt_to_video, resume_video, submissions, topic_to_video
 from tasks.credentials import NanoPhotoCredentials
 
 
@@ -24,7 +24,13 @@ async def serve() -> None:
     await aserve(
         *[
             await each.ato_deployment(name="served", tags=tags, enforce_parameter_schema=True)
-            for each in (topic_to_video, prompt_to_video, resume_video, batch_of_videos)
+            for each in (
+                topic_to_video,
+                prompt_to_video,
+                resume_video,
+                batch_of_videos,
+                submissions,
+            )
         ],
         limit=4,
     )

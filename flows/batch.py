@@ -14,28 +14,35 @@ import asyncio
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Annotated, Literal, Self
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from flows.forms import described
-from flows.pipeline import Watching, finish_earlier_attempt, submit_and_finish
+from flows.pipeline import Spend, Watching, earlier_outcome, make_video_once
 from flows.video import RESULTS
-from nanophoto.contract import PROMPT_COST
-from nanophoto.errors import GenerationFailedError, NanoPhotoError, SubmitOutcomeUnknownError
+from nanophoto.contract import TOPIC_MAX_CHARS
+from nanophoto.errors import NanoPhotoError, SubmitOutcomeUnknownError
 from nanophoto.models import (
     PromptOptions,
     PromptRequest,
-    PromptText,
-    Topic,
     VideoJob,
     VideoOptions,
     VideoRequest,
     VideoResult,
     fingerprint,
+    trimmed,
 )
 from nanophoto.planner import BudgetPlanner
 from nanophoto.settings import NanoPhotoSettings
@@ -43,42 +50,53 @@ from nanophoto.watch import CheckPlan, WatchSchedule
 from tasks.observe import BatchProgress, best_effort
 from tasks.ratelimit import shared_limiter
 from tasks.submissions import IdempotencyKey, resolve_idempotency_key
-from tasks.video import generate_prompt
 
 ItemStatus = Literal["delivered", "failed", "over_budget"]
 
 
-class BatchItem(VideoOptions, PromptOptions):
+class _ItemSource(BaseModel):
+    """Where an item's video comes from: a topic or a ready prompt (the form's first fields).
+
+    Plain text boxes, empty meaning "not this one": a form shows an optional
+    text as a type toggle a person must click first.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: Annotated[
+        str, BeforeValidator(trimmed), StringConstraints(max_length=TOPIC_MAX_CHARS)
+    ] = Field(
+        "",
+        title="Topic",
+        description=str(PromptRequest.model_fields["topic"].description)
+        + " Give a topic or a prompt.",
+    )
+    prompt: Annotated[str, BeforeValidator(trimmed)] = Field(
+        "",
+        title="Prompt",
+        description=str(VideoRequest.model_fields["prompt"].description)
+        + " Give a topic or a prompt.",
+    )
+
+
+class BatchItem(VideoOptions, PromptOptions, _ItemSource):
     """One video of a batch: a topic (a prompt is written first) or a ready prompt.
 
     Its options are the same fields, with the same descriptions, as the
     flows' (``nanophoto.models``); the prompt options apply to topics only.
     """
 
-    topic: Topic | None = Field(
-        None,
-        title="Topic",
-        description=str(PromptRequest.model_fields["topic"].description)
-        + " Give a topic or a prompt.",
-    )
-    prompt: PromptText | None = Field(
-        None,
-        title="Prompt",
-        description=str(VideoRequest.model_fields["prompt"].description)
-        + " Give a topic or a prompt.",
-    )
-
     @model_validator(mode="after")
     def _topic_or_prompt(self) -> Self:
         """A topic or a prompt: checked, with the options, before anything is paid."""
-        if (self.topic is None) == (self.prompt is None):
+        if bool(self.topic) == bool(self.prompt):
             raise ValueError("give either a topic or a prompt, not both and not neither")
         return self
 
     def job(self) -> VideoJob:
         """What this item makes: a topic's prompt and video, or a ready prompt's video."""
         values = self.model_dump()
-        return PromptRequest.pick(values) if self.topic is not None else VideoRequest.pick(values)
+        return PromptRequest.pick(values) if self.topic else VideoRequest.pick(values)
 
     @property
     def price(self) -> int:
@@ -88,7 +106,7 @@ class BatchItem(VideoOptions, PromptOptions):
     @property
     def label(self) -> str:
         """The item as a person knows it, in a table cell."""
-        text = " ".join((self.topic or self.prompt or "").split())
+        text = " ".join((self.topic or self.prompt).split())
         return text[:60] + ("…" if len(text) > 60 else "")
 
 
@@ -97,9 +115,14 @@ class ItemOutcome(BaseModel):
 
     index: int
     item: str
+    key: str  # its idempotency key: what the submissions ledger lists it by
     status: ItemStatus
     price: int
-    credits_used: int = 0  # what this run spent on it (an earlier run's video: 0)
+    credits_used: int = 0  # what this run surely spent on it (an earlier run's video: 0)
+    credits_at_risk: int = 0  # maybe charged by this run: an unknown outcome, a lost prompt
+    paid_earlier: bool = False  # delivered or resumed from an earlier run's submit
+    outcome_unknown: bool = False  # its submit may have been charged: see the ledger
+    possibly_charged_twice: bool = False
     task_id: str | None = None
     video_path: str | None = None
     video_size: int | None = None
@@ -110,13 +133,20 @@ class ItemOutcome(BaseModel):
 
 
 class BatchSummary(BaseModel):
-    """The whole batch: counts, credits and every item's outcome."""
+    """The whole batch: counts, credits and every item's outcome.
+
+    ``credits_used`` is what NanoPhoto's ledger shows for this run: prompts and
+    videos it surely paid for, minus refunds. ``credits_at_risk`` is what it
+    may have been charged besides (unknown outcomes), never counted as spent.
+    """
 
     delivered: int
     failed: int
     over_budget: int
+    unknown: int
     credit_budget: int | None
     credits_used: int
+    credits_at_risk: int
     requests: int
     seconds: float
     items: list[ItemOutcome]
@@ -163,6 +193,7 @@ async def batch_of_videos(
     schedule: WatchSchedule = WatchSchedule(),
     output_dir: str = "videos",
     batch_key: IdempotencyKey | None = None,
+    resubmit_unknown_up_to_credits: Annotated[int, Field(ge=0)] = 0,
 ) -> BatchSummary:
     """Make many videos at once: each item a topic or a ready prompt, with its own options.
 
@@ -177,8 +208,10 @@ async def batch_of_videos(
         schedule: The checks' rhythm, in NanoPhoto's seconds, when the key's request
             budget allows it (first check, interval, when to stop watching); when it
             does not, checks are timed by the generation times seen so far.
-        batch_key: Runs with the same key make each item's video once, paid once
-            (item n's key is the batch key followed by ":n"). 1 to 200 letters,
+        batch_key: Runs with the same key make each item's video once, paid once:
+            an item's key is the batch key followed by what the item is (its
+            fingerprint, and a number for identical items), so a rerun finds each
+            item's earlier outcome however the items are reordered. 1 to 200 letters,
             digits and the characters _ . : - (no spaces). Empty: this flow run's id.
 
     Returns:
@@ -193,7 +226,7 @@ async def batch_of_videos(
     key = resolve_idempotency_key(batch_key)
     settings = NanoPhotoSettings()
     schedule = schedule.on_clock(settings.time_scale)
-    topics = sum(item.topic is not None for item in items)
+    topics = sum(bool(item.topic) for item in items)
     planner = BudgetPlanner(
         schedule,
         requests_per_window=settings.rate_limit,
@@ -210,12 +243,24 @@ async def batch_of_videos(
     granted_before = limiter.granted_total
 
     progress = BatchProgress(len(items), schedule.expected_generation)
+    keys = item_keys(key, items)
 
     async def run(index: int, item: BatchItem) -> ItemOutcome:
         async with slots:
             planner.queued -= 1
             outcome = await _run_item(
-                index, item, f"{key}:{index}", schedule, output_dir, planner, credits, progress
+                index,
+                item,
+                ItemContext(
+                    key=keys[index],
+                    legacy_key=f"{key}:{index}",
+                    schedule=schedule,
+                    output_dir=output_dir,
+                    planner=planner,
+                    credits=credits,
+                    progress=progress,
+                    resubmit_unknown_up_to=resubmit_unknown_up_to_credits,
+                ),
             )
         progress.finished(index, outcome.status)
         await progress.show()
@@ -235,126 +280,141 @@ async def batch_of_videos(
         delivered=sum(o.status == "delivered" for o in outcomes),
         failed=sum(o.status == "failed" for o in outcomes),
         over_budget=sum(o.status == "over_budget" for o in outcomes),
+        unknown=sum(o.outcome_unknown for o in outcomes),
         credit_budget=credit_budget,
         credits_used=sum(o.credits_used for o in outcomes),
+        credits_at_risk=sum(o.credits_at_risk for o in outcomes),
         requests=limiter.granted_total - granted_before,
         seconds=round(time.monotonic() - started, 3),
         items=list(outcomes),
     )
     await _publish(summary)
     logger.info(
-        "batch done: %d delivered, %d failed, %d over budget; %d credits, %d requests",
+        "batch done: %d delivered, %d failed (%d with an unknown outcome), %d over budget; "
+        "%d credits spent, %d at risk; %d requests",
         summary.delivered,
         summary.failed,
+        summary.unknown,
         summary.over_budget,
         summary.credits_used,
+        summary.credits_at_risk,
         summary.requests,
     )
-    if summary.delivered == 0 and summary.failed:
+    if summary.delivered == 0:
         codes = Counter(o.error_code for o in outcomes if o.status == "failed")
         reasons = ", ".join(f"{code} x{count}" for code, count in codes.most_common())
         raise RuntimeError(
-            f"no video of the batch was delivered ({summary.failed} failed: {reasons}; "
-            f"{summary.over_budget} over budget); see the batch-summary artifact"
+            f"no video of the batch was delivered ({summary.failed} failed"
+            + (f": {reasons}" if reasons else "")
+            + f"; {summary.over_budget} over budget); see the batch-summary artifact"
         )
     return summary
 
 
-async def _run_item(
-    index: int,
-    item: BatchItem,
-    key: str,
-    schedule: WatchSchedule,
-    output_dir: str,
-    planner: BudgetPlanner,
-    credits: CreditBudget,
-    progress: BatchProgress,
-) -> ItemOutcome:
-    """One item's pipeline; whatever goes wrong is its outcome, never the batch's."""
+def item_keys(batch_key: str, items: list[BatchItem]) -> list[str]:
+    """Each item's idempotency key, from what it is: a rerun with the items reordered,
+    inserted or removed maps each item to its own record."""
+    seen: Counter[str] = Counter()
+    keys = []
+    for item in items:
+        print_ = fingerprint(item.job())
+        seen[print_] += 1
+        occurrence = f":{seen[print_]}" if seen[print_] > 1 else ""
+        keys.append(f"{batch_key}:{print_[:16]}{occurrence}")
+    return keys
+
+
+@dataclass(frozen=True)
+class ItemContext:
+    """What one item's pipeline shares with the batch."""
+
+    key: str
+    legacy_key: str  # the positional key of earlier versions: read, to pay for nothing twice
+    schedule: WatchSchedule
+    output_dir: str
+    planner: BudgetPlanner
+    credits: CreditBudget
+    progress: BatchProgress
+    resubmit_unknown_up_to: int
+
+
+async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOutcome:
+    """One item's pipeline; whatever goes wrong is its outcome, never the batch's.
+
+    Its earlier outcome is read before any budget is reserved: a video an
+    earlier run paid for costs nothing now and is never over budget.
+    """
     logger = get_run_logger()
-    outcome = ItemOutcome(index=index, item=item.label, status="failed", price=item.price)
-    if not credits.reserve(item.price):
+    job = item.job()
+    key = context.key
+    earlier = await earlier_outcome(key)
+    if earlier is None:
+        legacy = await earlier_outcome(context.legacy_key)
+        if legacy is not None and legacy.fingerprint == fingerprint(job):
+            key, earlier = context.legacy_key, legacy
+    outcome = ItemOutcome(index=index, item=item.label, key=key, status="failed", price=item.price)
+    paid = earlier is not None and earlier.state in ("submitted", "completed")
+    reserved = 0 if paid else item.price
+    credits = context.credits
+    if reserved and not credits.reserve(reserved):
         logger.warning(
             "item %d (%s) not submitted: %d credits would exceed the budget of %s (%d committed)",
             index,
             item.label,
-            item.price,
+            reserved,
             credits.limit,
             credits.committed,
         )
         return outcome.model_copy(update={"status": "over_budget"})
     started = time.monotonic()
-    prompt_credits = 0
-    paid: str | None = None  # the task id, once this run submitted it
-    watched: str | None = None  # the task id, once watched (this run's or an earlier one)
+    spend = Spend()
+    planner, progress = context.planner, context.progress
 
     def plan(task_id: str, submitted_at: float) -> CheckPlan:
-        nonlocal watched
-        watched = task_id
         progress.watching(index, submitted_at)
         return planner.track(task_id, item.model_tier, item.duration, submitted_at)
 
-    def submitted(task_id: str) -> None:
-        nonlocal paid, watched
-        paid = watched = task_id
-
-    job = item.job()
-    how = Watching(schedule, output_dir, plan=plan, artifacts=False, checks_as_tasks=False)
+    how = Watching(
+        context.schedule, context.output_dir, plan=plan, artifacts=False, checks_as_tasks=False
+    )
     try:
-        print_ = fingerprint(job)
-        earlier = await finish_earlier_attempt(key, print_, how)
-        if earlier.result is not None:
-            result = earlier.result
-        else:
-            prompt_seconds, text = 0.0, item.prompt or ""
-            if isinstance(job, PromptRequest):
-                generated = await generate_prompt(job)
-                prompt_credits = PROMPT_COST * generated.streams_charged
-                prompt_seconds, text = time.monotonic() - started, generated.text
-            result = await submit_and_finish(
-                job.with_prompt(text),
-                key,
-                print_,
-                earlier.attempt,
-                how,
-                prompt_seconds=prompt_seconds,
-                prompt_credits=prompt_credits,
-                on_submitted=submitted,
-            )
-    except Exception as error:
-        # What was charged: the prompt, and the video once submitted (or maybe
-        # submitted), unless its generation failed, which NanoPhoto refunds.
-        charged = (paid is not None or isinstance(error, SubmitOutcomeUnknownError)) and not (
-            isinstance(error, GenerationFailedError)
+        result = await make_video_once(
+            job, key, how, spend=spend, resubmit_unknown_up_to=context.resubmit_unknown_up_to
         )
-        spent = prompt_credits + (job.cost if charged else 0)
-        credits.settle(item.price, spent)
-        if watched is not None:
-            planner.finish(watched)
+    except Exception as error:
+        credits.settle(reserved, spend.credits + spend.at_risk)
+        if spend.task_id is not None:
+            planner.finish(spend.task_id)
         code = error.code if isinstance(error, NanoPhotoError) else type(error).__name__
         logger.error("item %d (%s) failed: %s", index, item.label, error)
         return outcome.model_copy(
             update={
-                "task_id": watched,
+                "task_id": spend.task_id,
                 "error_code": code,
                 "error": str(error)[:500],
-                "credits_used": spent,
+                "credits_used": spend.credits,
+                "credits_at_risk": spend.at_risk,
+                "paid_earlier": spend.earlier,
+                "outcome_unknown": isinstance(error, SubmitOutcomeUnknownError),
+                "possibly_charged_twice": spend.possibly_charged_twice,
                 "seconds": round(time.monotonic() - started, 3),
             }
         )
     planner.finish(result.task_id, result.generation_time)
-    spent = result.credits_used if earlier.result is None else 0  # an earlier run paid for it
-    credits.settle(item.price, spent)
-    return _delivered(outcome, result, spent, time.monotonic() - started)
+    credits.settle(reserved, spend.credits + spend.at_risk)
+    return _delivered(outcome, result, spend, time.monotonic() - started)
 
 
 def _delivered(
-    outcome: ItemOutcome, result: VideoResult, spent: int, seconds: float
+    outcome: ItemOutcome, result: VideoResult, spend: Spend, seconds: float
 ) -> ItemOutcome:
     return outcome.model_copy(
         update={
             "status": "delivered",
-            "credits_used": spent,
+            "credits_used": spend.credits,
+            "credits_at_risk": spend.at_risk,
+            "paid_earlier": spend.earlier,
+            "possibly_charged_twice": spend.possibly_charged_twice,
             "task_id": result.task_id,
             "video_path": result.video_path,
             "video_size": result.video_size,

@@ -38,6 +38,10 @@ SHARED: Final[dict[str, str]] = {
     "the video already submitted instead of paying again. 1 to 200 letters, digits and "
     "the characters _ . : - (no spaces). Empty: this flow run's id (so a retry of this "
     "run resumes it).",
+    "resubmit_unknown_up_to_credits": "For a submit whose outcome is unknown (it may have "
+    "reached NanoPhoto before its answer was lost): send it again only if the video costs "
+    "at most this many credits, and report it as possibly charged twice. 0 (the default): "
+    "never; the submissions ledger says how to resolve or release it.",
 }
 _WIDTH: Final = 88
 

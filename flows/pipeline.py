@@ -19,16 +19,30 @@ from dataclasses import dataclass, field
 
 from prefect import get_run_logger
 
-from nanophoto.contract import PROCESSING
+from nanophoto.contract import PROCESSING, PROMPT_COST
 from nanophoto.errors import GenerationFailedError, NanoPhotoError, SubmitOutcomeUnknownError
-from nanophoto.models import StageTimings, VideoRequest, VideoResult, VideoStatus
+from nanophoto.models import (
+    PromptRequest,
+    StageTimings,
+    VideoJob,
+    VideoRequest,
+    VideoResult,
+    VideoStatus,
+    fingerprint,
+)
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.storage import VideoStore
 from nanophoto.watch import CheckPlan, CheckStatus, WatchSchedule, watch_video
 from tasks.credentials import open_client
-from tasks.observe import WaitProgress, emit_video_event, publish_video
+from tasks.observe import (
+    WaitProgress,
+    emit_unknown_outcome,
+    emit_video_event,
+    publish_prompt,
+    publish_video,
+)
 from tasks.submissions import SubmissionRecord, SubmissionStore
-from tasks.video import check_video_status, download_video, submit_video
+from tasks.video import check_video_status, download_video, generate_prompt, submit_video
 
 # (task id, submitted at) -> when to make each check of that video
 PlanFactory = Callable[[str, float], CheckPlan]
@@ -73,101 +87,205 @@ class SubmittedVideo:
         return self.status.task_id
 
 
-@dataclass(frozen=True)
-class EarlierAttempt:
-    """What an earlier run with the key left: its finished video, or the attempt now due."""
+@dataclass
+class Spend:
+    """What one job cost in this run, as NanoPhoto's ledger shows it (a batch adds these up).
 
-    result: VideoResult | None  # delivered (now, or before): nothing to submit
-    attempt: int  # the number of the next paid attempt, when ``result`` is None
-
-
-async def finish_earlier_attempt(key: str, fingerprint: str, how: Watching) -> EarlierAttempt:
-    """Look up what an earlier run with this idempotency key did, and finish its video.
-
-    A delivered video is returned (downloaded again only if the file is gone);
-    a submitted one is watched and downloaded here, with a fresh watch window,
-    never paid for again. Otherwise a submit is due: nothing was submitted
-    yet, it was refused for sure, or the last attempt's generation failed
-    (refunded), which entitles the key to one new paid attempt. Raises
-    ``SubmitOutcomeUnknownError`` when an earlier submit may have started.
+    Credits whose charge is unknown (a submit or a prompt stream that may
+    have reached NanoPhoto before its answer was lost) are at risk, never
+    counted as spent.
     """
+
+    prompt_credits: int = 0  # prompt streams surely charged
+    video_credits: int = 0  # the video, submitted by this run (0 once refunded)
+    at_risk: int = 0  # maybe charged: an unknown submit, a prompt attempt cut before text
+    task_id: str | None = None  # the task this run submitted or watched
+    earlier: bool = False  # an earlier run paid for the video
+    possibly_charged_twice: bool = False  # an unknown outcome sent again by policy
+
+    @property
+    def credits(self) -> int:
+        """Credits surely spent by this run on this job."""
+        return self.prompt_credits + self.video_credits
+
+
+async def earlier_outcome(key: str) -> SubmissionRecord | None:
+    """What an earlier run did with this key, read without taking its lock (a batch
+    reads it before reserving budget: a video already paid for costs nothing)."""
+    return await (await SubmissionStore.default()).read(key)
+
+
+async def make_video_once(
+    job: VideoJob,
+    key: str,
+    how: Watching,
+    *,
+    spend: Spend | None = None,
+    resubmit_unknown_up_to: int = 0,
+    on_submitted: Callable[[str], None] | None = None,
+) -> VideoResult:
+    """The video of ``job``, paid for once under ``key``, whatever earlier runs did.
+
+    Under the key's lock: a delivered video is returned (downloaded again only
+    if the file is gone); a submitted one is resumed; otherwise the key is
+    claimed (``queued``), the prompt written (or the one a crashed run left
+    reused), and the video submitted once. The lock is released once the
+    submit's outcome is recorded; the watch and the download come after.
+
+    An earlier submit whose outcome is unknown is never sent again, unless its
+    price is at most ``resubmit_unknown_up_to`` credits: then it is, and the
+    video is reported as possibly charged twice.
+    """
+    spend = spend if spend is not None else Spend()
     store = await SubmissionStore.default()
-    record = await store.read(key)
-    if record is None:
-        return EarlierAttempt(None, 1)
-    if record.fingerprint != fingerprint:
+    print_ = fingerprint(job)
+    async with store.holding(key):
+        record = await store.read(key)
+        _check_fingerprint(record, print_, key)
+        delivered = record.result if record is not None and record.state == "completed" else None
+        if delivered is not None and (
+            not how.output_dir or await _saved(how.output_dir, delivered.task_id)
+        ):
+            get_run_logger().info(
+                "idempotency key %s already delivered video %s", key, delivered.task_id
+            )
+            spend.earlier, spend.task_id = True, delivered.task_id
+            return delivered
+        if record is not None and record.task_id and record.state in ("submitted", "completed"):
+            video = _resumed(record)
+        else:
+            video = await _claim_and_submit(
+                store, key, print_, job, record, how, spend, resubmit_unknown_up_to
+            )
+            record = await store.read(key)
+    if video.paid_here and on_submitted is not None:
+        on_submitted(video.task_id)
+    if not video.paid_here:
+        get_run_logger().info(
+            "idempotency key %s already submitted video %s: resuming it, not paying again",
+            key,
+            video.task_id,
+        )
+        spend.earlier = True
+        how = _fresh_window(how)
+    spend.task_id = video.task_id
+    assert record is not None
+    try:
+        return await finish_and_record(store, record, video, how)
+    except GenerationFailedError:
+        spend.video_credits = 0  # refunded by NanoPhoto
+        raise
+
+
+def _check_fingerprint(record: SubmissionRecord | None, print_: str, key: str) -> None:
+    if record is not None and record.fingerprint != print_:
         raise ValueError(
             f"idempotency_key: {key!r} was already used for another video (other prompt, "
             "topic or options); use a new key for a new video"
         )
-    if record.state == "refused":
-        return EarlierAttempt(None, record.attempts)
-    if record.state == "failed":
-        return EarlierAttempt(None, record.attempts + 1)
-    if record.state == "sending" or record.task_id is None:
-        raise SubmitOutcomeUnknownError(
-            f"an earlier submit with idempotency key {key!r} (flow run {record.flow_run_id}) "
-            "may have reached NanoPhoto and its outcome is unknown: that run may still be "
-            "sending it, or stopped before it knew. It is not sent again, to avoid paying "
-            "twice. Check your NanoPhoto account: resume the video by its task id "
-            "(resume-video, sora2 resume), or run again with a new idempotency key."
-        )
-    logger = get_run_logger()
-    delivered = record.state == "completed" and record.result is not None
-    if delivered and (not how.output_dir or await _saved(how.output_dir, record.task_id)):
-        logger.info("idempotency key %s already delivered video %s", key, record.task_id)
-        return EarlierAttempt(record.result, record.attempts)
-    logger.info(
-        "idempotency key %s already submitted video %s: resuming it, not paying again",
-        key,
-        record.task_id,
-    )
-    video = SubmittedVideo(
+
+
+def _resumed(record: SubmissionRecord) -> SubmittedVideo:
+    assert record.task_id is not None
+    return SubmittedVideo(
         status=VideoStatus(task_id=record.task_id, status=PROCESSING),
         submitted_at=time.monotonic(),
         prompt=record.prompt,
         cost=record.cost,
     )
-    # A fresh watch window from now: the first run's may be spent already.
-    fresh = Watching(
+
+
+def _fresh_window(how: Watching) -> Watching:
+    """A resumed video gets a watch window from now: the first run's may be spent."""
+    return Watching(
         schedule=how.schedule.model_copy(update={"initial_delay": 0.0}),
         output_dir=how.output_dir,
         plan=how.plan,
         artifacts=how.artifacts,
         checks_as_tasks=how.checks_as_tasks,
     )
-    return EarlierAttempt(await finish_and_record(store, record, video, fresh), record.attempts)
 
 
-async def _saved(output: str, task_id: str) -> bool:
-    """Whether ``output`` already holds the whole video of ``task_id``."""
-    return await asyncio.to_thread(VideoStore(output).existing, task_id) is not None
+def _unknown_outcome(record: SubmissionRecord) -> SubmitOutcomeUnknownError:
+    return SubmitOutcomeUnknownError(
+        f"an earlier submit with idempotency key {record.key!r} (flow run "
+        f"{record.flow_run_id}, {record.updated_at:%Y-%m-%d %H:%M:%S} UTC, {record.cost} "
+        "credits) may have reached NanoPhoto, and its outcome is unknown. It is not sent "
+        f"again, to avoid paying twice. To do: {record.what_to_do()}."
+    )
 
 
-async def submit_and_finish(
-    request: VideoRequest,
+async def _claim_and_submit(
+    store: SubmissionStore,
     key: str,
-    fingerprint: str,
-    attempt: int,
+    print_: str,
+    job: VideoJob,
+    record: SubmissionRecord | None,
     how: Watching,
-    *,
-    prompt_seconds: float = 0.0,
-    prompt_credits: int = 0,
-    on_submitted: Callable[[str], None] | None = None,
-) -> VideoResult:
-    """Submit once, then finish the video: the part every submitting flow shares.
-
-    ``on_submitted`` hears the task id the moment the video is paid for.
-    """
-    store = await SubmissionStore.default()
-    record = store.new(key, "sending", fingerprint, prompt=request.prompt, cost=request.cost)
-    record = record.model_copy(update={"attempts": attempt})
+    spend: Spend,
+    resubmit_unknown_up_to: int,
+) -> SubmittedVideo:
+    """Claim the key (``queued``), write the prompt, submit once: the lock is held."""
+    logger = get_run_logger()
+    attempts, prompt, prompt_credits, twice = 1, "", 0, False
+    if record is not None:
+        prompt, prompt_credits = record.prompt, record.prompt_credits
+        attempts, twice = record.attempts, record.possibly_charged_twice
+        if record.state in ("failed", "released"):
+            attempts += 1
+        elif record.state == "sending":
+            if not 0 < record.cost <= resubmit_unknown_up_to:
+                raise _unknown_outcome(record)
+            logger.warning(
+                "idempotency key %s: an earlier submit's outcome is unknown; sending it "
+                "again as resubmit_unknown_up_to_credits allows: possibly charged twice "
+                "(%d credits at risk)",
+                key,
+                record.cost,
+            )
+            spend.at_risk += record.cost
+            attempts, twice = attempts + 1, True
+            emit_unknown_outcome(key, record.cost, resubmitted=True)
+    queued = store.new(key, "queued", print_, job, attempts=attempts)
+    queued = queued.model_copy(
+        update={
+            "prompt": prompt or queued.prompt,
+            "possibly_charged_twice": twice,
+            "prompt_credits": prompt_credits,
+        }
+    )
+    queued = await store.write(queued)
+    spend.possibly_charged_twice = twice
     started = time.monotonic()
-    submitted = await submit_video(record, request)
+    if isinstance(job, PromptRequest) and not queued.prompt:
+        try:
+            generated = await generate_prompt(job)
+        except NanoPhotoError as error:
+            spend.prompt_credits += PROMPT_COST * error.prompt_streams_charged
+            spend.at_risk += PROMPT_COST * error.prompt_streams_at_risk
+            raise
+        spend.prompt_credits += PROMPT_COST * generated.streams_charged
+        spend.at_risk += PROMPT_COST * generated.streams_at_risk
+        queued = await store.write(
+            queued.model_copy(
+                update={"prompt": generated.text, "prompt_credits": spend.prompt_credits}
+            )
+        )
+    elif isinstance(job, PromptRequest):
+        logger.info("idempotency key %s: reusing the prompt an earlier run paid for", key)
+    prompt_seconds = time.monotonic() - started
+    request = job if isinstance(job, VideoRequest) else job.with_prompt(queued.prompt)
+    if how.artifacts:
+        await publish_prompt(request, topic=getattr(job, "topic", None))
+    try:
+        submitted = await submit_video(queued, request)
+    except NanoPhotoError as error:
+        if error.may_have_started:
+            spend.at_risk += request.cost
+            emit_unknown_outcome(key, request.cost, resubmitted=False)
+        raise
     submitted_at = time.monotonic()
-    if on_submitted is not None:
-        on_submitted(submitted.task_id)
-    record = record.model_copy(update={"state": "submitted", "task_id": submitted.task_id})
+    spend.video_credits = request.cost
     emit_video_event(
         "submitted",
         submitted.task_id,
@@ -175,23 +293,29 @@ async def submit_and_finish(
         duration=request.duration,
         aspect_ratio=request.aspect_ratio.value,
         cost=request.cost,
+        idempotency_key=key,
     )
-    video = SubmittedVideo(
+    return SubmittedVideo(
         status=submitted,
         submitted_at=submitted_at,
         prompt=request.prompt,
         cost=request.cost,
         paid_here=True,
-        prompt_credits=prompt_credits,
-        timings=StageTimings(prompt=prompt_seconds, submit=submitted_at - started),
+        prompt_credits=spend.prompt_credits,
+        timings=StageTimings(prompt=prompt_seconds, submit=submitted_at - started - prompt_seconds),
     )
-    return await finish_and_record(store, record, video, how)
+
+
+async def _saved(output: str, task_id: str) -> bool:
+    """Whether ``output`` already holds the whole video of ``task_id``."""
+    return await asyncio.to_thread(VideoStore(output).existing, task_id) is not None
 
 
 async def finish_and_record(
     store: SubmissionStore, record: SubmissionRecord, video: SubmittedVideo, how: Watching
 ) -> VideoResult:
     """``finish_video``, then record how the key's video ended (completed or failed)."""
+    record = record.model_copy(update={"task_id": video.task_id})
     try:
         result = await finish_video(video, how)
     except GenerationFailedError:
@@ -214,7 +338,11 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
     logger = get_run_logger()
     task_id, submitted_at = video.task_id, video.submitted_at
     schedule = how.schedule
-    progress = WaitProgress(task_id, schedule.expected_generation) if how.artifacts else None
+    progress = (
+        WaitProgress(task_id, schedule.expected_generation, NanoPhotoSettings().time_scale)
+        if how.artifacts
+        else None
+    )
     if progress is not None:
         await progress.start()
 

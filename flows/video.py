@@ -14,23 +14,22 @@ a function's own signature.
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from prefect import flow
 from prefect.runtime import flow_run
+from pydantic import Field
 
 from flows.forms import described
 from flows.pipeline import (
     SubmittedVideo,
     Watching,
-    finish_earlier_attempt,
     finish_video,
+    make_video_once,
     on_our_clock,
-    submit_and_finish,
 )
 from nanophoto.contract import (
     PROCESSING,
-    PROMPT_COST,
     AspectRatio,
     Duration,
     Locale,
@@ -50,12 +49,9 @@ from nanophoto.models import (
     VideoRequest,
     VideoResult,
     VideoStatus,
-    fingerprint,
 )
 from nanophoto.watch import ResumeSchedule, WatchSchedule
-from tasks.observe import publish_prompt
 from tasks.submissions import IdempotencyKey, resolve_idempotency_key
-from tasks.video import generate_prompt
 
 # Each run's result is kept in result storage (it holds no secret): readable from the
 # API after the run (run_deployment, the UI), and still there when a retried state
@@ -100,6 +96,7 @@ async def topic_to_video(
     schedule: WatchSchedule = WatchSchedule(),
     output_dir: str = "videos",
     idempotency_key: IdempotencyKey | None = None,
+    resubmit_unknown_up_to_credits: Annotated[int, Field(ge=0)] = 0,
 ) -> VideoResult:
     """Turn a topic into a finished Sora 2 video: prompt, submit, wait, download.
 
@@ -107,23 +104,11 @@ async def topic_to_video(
         The task id, video URL and file, credits used and stage timings.
     """
     job = PromptRequest.pick(locals())
-    how = Watching(on_our_clock(schedule), output_dir)
-    key, print_ = resolve_idempotency_key(idempotency_key), fingerprint(job)
-    earlier = await finish_earlier_attempt(key, print_, how)
-    if earlier.result is not None:
-        return earlier.result
-    started = time.monotonic()
-    prompt = await generate_prompt(job)
-    request = job.with_prompt(prompt.text)
-    await publish_prompt(request, topic=job.topic)
-    return await submit_and_finish(
-        request,
-        key,
-        print_,
-        earlier.attempt,
-        how,
-        prompt_seconds=time.monotonic() - started,
-        prompt_credits=PROMPT_COST * prompt.streams_charged,
+    return await make_video_once(
+        job,
+        resolve_idempotency_key(idempotency_key),
+        Watching(on_our_clock(schedule), output_dir),
+        resubmit_unknown_up_to=resubmit_unknown_up_to_credits,
     )
 
 
@@ -139,6 +124,7 @@ async def prompt_to_video(
     schedule: WatchSchedule = WatchSchedule(),
     output_dir: str = "videos",
     idempotency_key: IdempotencyKey | None = None,
+    resubmit_unknown_up_to_credits: Annotated[int, Field(ge=0)] = 0,
 ) -> VideoResult:
     """Turn a ready prompt into a finished Sora 2 video: submit, wait, download.
 
@@ -146,13 +132,12 @@ async def prompt_to_video(
         The task id, video URL and file, credits used and stage timings.
     """
     request = VideoRequest.pick(locals())
-    how = Watching(on_our_clock(schedule), output_dir)
-    key, print_ = resolve_idempotency_key(idempotency_key), fingerprint(request)
-    earlier = await finish_earlier_attempt(key, print_, how)
-    if earlier.result is not None:
-        return earlier.result
-    await publish_prompt(request)
-    return await submit_and_finish(request, key, print_, earlier.attempt, how)
+    return await make_video_once(
+        request,
+        resolve_idempotency_key(idempotency_key),
+        Watching(on_our_clock(schedule), output_dir),
+        resubmit_unknown_up_to=resubmit_unknown_up_to_credits,
+    )
 
 
 @flow(name="resume-video", flow_run_name=_resume_run_name, **RESULTS)

@@ -183,12 +183,15 @@ class NanoPhotoClient:
         text already seen is thrown away. A stream the server cuts counts as a
         failed generation, which NanoPhoto refunds; a stream *we* abandon after
         our read time-out may still be charged, so it is counted in
-        ``streams_charged``.
+        ``streams_charged``. An attempt that failed before any text, in a way
+        that may have reached NanoPhoto (a gateway page, a dropped
+        connection), may have been charged too: ``streams_at_risk`` counts
+        those. When every attempt fails, the error carries both counts.
         """
-        abandoned = 0
+        abandoned = at_risk = 0
 
         async def attempt() -> str:
-            nonlocal abandoned
+            nonlocal abandoned, at_risk
             pieces: list[str] = []
             try:
                 async with aclosing(self.stream_prompt(request)) as stream:
@@ -201,6 +204,9 @@ class NanoPhotoClient:
                     abandoned += isinstance(error, RequestTimeoutError)
                     if on_discard is not None:
                         on_discard(error, sum(map(len, pieces)))
+                elif error.may_have_started:
+                    at_risk += 1
+                error.prompt_streams_charged, error.prompt_streams_at_risk = abandoned, at_risk
                 raise
             prompt = "".join(pieces).strip()
             if not prompt:
@@ -208,14 +214,18 @@ class NanoPhotoClient:
             return prompt
 
         text = await self._call("generate-prompt", attempt, retry_if=_transient)
-        return GeneratedPrompt(text=text, streams_charged=1 + abandoned)
+        return GeneratedPrompt(text=text, streams_charged=1 + abandoned, streams_at_risk=at_risk)
 
-    async def submit(self, request: VideoRequest) -> VideoStatus:
+    async def submit(
+        self, request: VideoRequest, *, before_send: Callable[[], Awaitable[None]] | None = None
+    ) -> VideoStatus:
         """Start a video; its ``task_id`` is what to watch.
 
         Retried only if the request surely did not start (no connection, or
         a 429). Any other failure that may have reached the server raises
         ``SubmitOutcomeUnknownError``: sending it again could charge twice.
+        ``before_send`` runs before each attempt's bytes leave, once its slot
+        of the request budget is granted: the moment to record "sending".
         """
 
         async def attempt() -> VideoStatus:
@@ -227,7 +237,11 @@ class NanoPhotoClient:
 
         try:
             return await self._call(
-                "generate", attempt, retry_if=_surely_not_started, priority=Priority.SUBMIT
+                "generate",
+                attempt,
+                retry_if=_surely_not_started,
+                priority=Priority.SUBMIT,
+                before_attempt=before_send,
             )
         except NanoPhotoError as error:
             if error.may_have_started:
@@ -335,6 +349,7 @@ class NanoPhotoClient:
         *,
         retry_if: Callable[[NanoPhotoError], bool],
         priority: Priority | None = None,
+        before_attempt: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         """Run ``attempt``, each within the call time limit, retrying what ``retry_if`` allows.
 
@@ -345,6 +360,8 @@ class NanoPhotoClient:
         while True:
             if priority is not None and self.limiter is not None:
                 await self.limiter.acquire(priority)
+            if before_attempt is not None:
+                await before_attempt()
             try:
                 try:
                     async with asyncio.timeout(self.settings.call_timeout):

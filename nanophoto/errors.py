@@ -26,6 +26,9 @@ class NanoPhotoError(Exception):
     code: str = "NANOPHOTO_ERROR"
     retryable: bool = False
     may_have_started: bool = True
+    # For a prompt whose every attempt failed: streams surely charged, and maybe charged.
+    prompt_streams_charged: int = 0
+    prompt_streams_at_risk: int = 0
 
     def __init__(
         self,

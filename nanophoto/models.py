@@ -75,7 +75,7 @@ _NOT_BLANK = r"\S"
 _INVISIBLE = "\ufeff\u200b"
 
 
-def _trimmed(value: Any) -> Any:
+def trimmed(value: Any) -> Any:
     """Trim as the service may: every whitespace Python knows (the ASCII separators
     \\x1c-\\x1f included, which pydantic's own trimming keeps), and the invisible ones."""
     return value.strip().strip(_INVISIBLE).strip() if isinstance(value, str) else value
@@ -84,7 +84,7 @@ def _trimmed(value: Any) -> Any:
 def _text(max_length: int | None = None) -> list[Any]:
     """A text field that is not blank once trimmed (and at most ``max_length`` long)."""
     return [
-        BeforeValidator(_trimmed),
+        BeforeValidator(trimmed),
         StringConstraints(min_length=1, max_length=max_length),
         schema_pattern(_NOT_BLANK),
     ]
@@ -335,6 +335,7 @@ class GeneratedPrompt:
 
     text: str
     streams_charged: int = 1
+    streams_at_risk: int = 0  # attempts that failed in a way NanoPhoto may have charged
 
 
 class _Response(BaseModel):

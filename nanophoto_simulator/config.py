@@ -38,6 +38,7 @@ class Fault(StrEnum):
     # The origin did the work (a submit started and was charged); the answer was lost.
     GATEWAY_ERROR_AFTER = "gateway_error_after"
     DROPPED_CONNECTION_AFTER = "dropped_connection_after"
+    SLOW_ANSWER = "slow_answer"  # the origin does the work, then answers stall_seconds late
     SLOW_STREAM = "slow_stream"  # a prompt stream stalls halfway
     TRUNCATED_STREAM = "truncated_stream"  # a prompt stream is cut halfway (refunded)
     GENERATION_FAILED = "generation_failed"  # the video fails (refunded)
@@ -51,6 +52,7 @@ ANY_CALL_FAULTS: Final = (
     Fault.RATE_LIMITED,
     Fault.GATEWAY_ERROR_AFTER,
     Fault.DROPPED_CONNECTION_AFTER,
+    Fault.SLOW_ANSWER,
 )
 STREAM_FAULTS: Final = (Fault.SLOW_STREAM, Fault.TRUNCATED_STREAM)
 LOST_ANSWER_FAULTS: Final = (Fault.GATEWAY_ERROR_AFTER, Fault.DROPPED_CONNECTION_AFTER)
@@ -79,7 +81,9 @@ class Faults(BaseModel):
     slow_stream: float = Field(0.0, ge=0, le=1, description="Prompt stream stalls.")
     truncated_stream: float = Field(0.0, ge=0, le=1, description="Prompt stream cut.")
     generation_failed: float = Field(0.0, ge=0, le=1, description="Video fails.")
-    stall_seconds: float = Field(90.0, ge=0, description="How long a slow stream stalls.")
+    stall_seconds: float = Field(
+        90.0, ge=0, description="How long a slow stream or a slow answer stalls."
+    )
 
     def chance(self, fault: Fault) -> float:
         """The probability per request of ``fault`` (its own field)."""

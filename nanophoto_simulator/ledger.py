@@ -75,6 +75,10 @@ class Ledger:
     prompts: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     tasks: dict[str, VideoTask] = field(default_factory=dict)
+    # Per prompt (its first 80 characters): every submit request that reached us, whatever
+    # became of it; per topic: the prompt credits kept (charged minus refunded).
+    submit_requests: Counter[str] = field(default_factory=Counter)
+    prompt_charges: Counter[str] = field(default_factory=Counter)
     media_downloads: int = 0
     media_requests_with_authorization: int = 0
 
@@ -101,6 +105,8 @@ class Ledger:
                 for key, balance in balances.items()
             },
             "faults": dict(self.faults),
+            "submit_requests": dict(self.submit_requests),
+            "prompt_charges": dict(self.prompt_charges),
             "tasks": [task.as_dict(origin, time_scale) for task in self.tasks.values()],
             "media": {
                 "downloads": self.media_downloads,

@@ -288,6 +288,8 @@ class Simulator:
             # Unknown tokens are never stored: they may be someone's real key.
             known = key if key in self.balances else ("<none>" if key is None else "<invalid>")
             self.ledger.requests[(known, endpoint)] += 1
+            if endpoint == "generate":
+                self.ledger.submit_requests[_head(request.body, "prompt")] += 1
             rng = self._request_rng(endpoint, known, request.body)
             fault = self._draw_fault(endpoint, rng)
             if fault and fault not in STREAM_FAULTS:
@@ -320,7 +322,9 @@ class Simulator:
                 reply = self._submit(key, body, fault, rng)
             else:
                 reply = self._check_status(key, body, delivered=fault not in LOST_ANSWER_FAULTS)
-        # Faults after the origin did the work: the answer is lost on the way back.
+        # Faults after the origin did the work: the answer is late, or lost on the way back.
+        if fault == Fault.SLOW_ANSWER:
+            await asyncio.sleep(self.config.real(self.config.faults.stall_seconds))
         if fault == Fault.GATEWAY_ERROR_AFTER:
             return _gateway_page(rng.choice(sorted(_GATEWAY_PAGES)))
         if fault == Fault.DROPPED_CONNECTION_AFTER:
@@ -392,6 +396,7 @@ class Simulator:
         self.balances[key] -= PROMPT_COST
         self.ledger.charged[key] += PROMPT_COST
         self.ledger.prompts["started"] += 1
+        self.ledger.prompt_charges[topic.strip()[:80]] += PROMPT_COST
         text = write_prompt(
             topic.strip(),
             Technique(body.get("technique", Technique.MONTAGE)),
@@ -402,7 +407,7 @@ class Simulator:
             fault = self._roll_stream_fault(rng)
         return Reply(
             content_type="text/plain; charset=utf-8",
-            stream=self._stream_prompt(key, text.encode(), fault),
+            stream=self._stream_prompt(key, topic.strip()[:80], text.encode(), fault),
         )
 
     def _roll_stream_fault(self, rng: random.Random) -> Fault | None:
@@ -415,7 +420,7 @@ class Simulator:
         return None
 
     async def _stream_prompt(
-        self, key: str, text: bytes, fault: Fault | None
+        self, key: str, topic: str, text: bytes, fault: Fault | None
     ) -> AsyncIterator[bytes]:
         """Stream ``text`` in chunks cut at byte offsets, splitting characters."""
         count = min(self.config.prompt_chunks, len(text))
@@ -426,7 +431,7 @@ class Simulator:
                 with self._lock:
                     self.ledger.faults[fault.value] += 1
                 if fault == Fault.TRUNCATED_STREAM:
-                    self._refund_prompt(key)
+                    self._refund_prompt(key, topic)
                     raise _Cut
                 await asyncio.sleep(self.config.real(self.config.faults.stall_seconds))
             yield text[cuts[index] : cuts[index + 1]]
@@ -434,11 +439,12 @@ class Simulator:
         with self._lock:
             self.ledger.prompts["completed"] += 1
 
-    def _refund_prompt(self, key: str) -> None:
+    def _refund_prompt(self, key: str, topic: str) -> None:
         with self._lock:
             self.balances[key] += PROMPT_COST
             self.ledger.refunded[key] += PROMPT_COST
             self.ledger.prompts["failed"] += 1
+            self.ledger.prompt_charges[topic] -= PROMPT_COST
 
     def _submit(
         self, key: str, body: dict[str, Any], fault: Fault | None, rng: random.Random
@@ -580,6 +586,15 @@ class Simulator:
             self.ledger.media_downloads += 1
             video = _with_task_id(self._videos[task.aspect_ratio], task.task_id)
         return Reply(body=video, content_type="video/mp4")
+
+
+def _head(body: bytes, field: str) -> str:
+    """The first 80 characters of a JSON body's text field: how the ledger names a job."""
+    try:
+        value = json.loads(body or b"{}").get(field)
+    except (ValueError, AttributeError):
+        return ""
+    return value.strip()[:80] if isinstance(value, str) else ""
 
 
 def _bearer(headers: dict[str, str]) -> str | None:

@@ -149,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_timing_flags(video)
     video.add_argument("--output-dir", default="videos", help="where to save the video")
 
+    ledger = command(
+        "submissions",
+        commands.submissions,
+        help="the submissions ledger: list it, resolve or release an unknown outcome",
+        description="Every idempotency key's video, paid or maybe paid (through the Prefect "
+        "flow 'submissions'). For a submit whose outcome is unknown: resolve it with the task "
+        "id from your NanoPhoto account (watched and downloaded, nothing submitted), or "
+        "release it (the next run with that key may submit, and may pay twice).",
+        epilog="Example:\n  sora2 submissions list\n"
+        "  sora2 submissions resolve --key batch-7:3f2a --task-id task_abc123\n"
+        "  sora2 submissions release --key batch-7:3f2a",
+    )
+    ledger.add_argument("action", choices=["list", "resolve", "release"])
+    ledger.add_argument("--key", help="the idempotency key to resolve or release")
+    ledger.add_argument("--task-id", help="for resolve: the task id from your NanoPhoto account")
+    ledger.add_argument("--output-dir", default="videos", help="for resolve: where to save it")
+    add_timing_flags(ledger, from_now=True)
+
     sandbox = command(
         "sandbox",
         commands.sandbox,

@@ -212,6 +212,43 @@ def video(args: argparse.Namespace, session: Session) -> int:
     return EXIT_OK
 
 
+def submissions(args: argparse.Namespace, session: Session) -> int:
+    """List the submissions ledger, or resolve or release one key (the Prefect flow)."""
+    if args.action == "resolve" and not args.task_id:
+        raise UsageError("--task-id: resolve needs the task id from your NanoPhoto account")
+    if args.action != "list" and not args.key:
+        raise UsageError(f"--key: {args.action} needs the idempotency key")
+    from flows.submissions import submissions as ledger_flow  # Prefect only for this command
+
+    parameters: dict[str, Any] = {"action": args.action, "output_dir": args.output_dir}
+    if args.key:
+        parameters["idempotency_key"] = args.key
+    if args.task_id:
+        parameters["task_id"] = args.task_id
+    if args.action == "resolve":
+        parameters["schedule"] = schedule_from(args).model_dump()
+
+    async def run_flow() -> Any:
+        return await ledger_flow(**parameters, return_state=True)
+
+    state = asyncio.run(run_flow())
+    if not state.is_completed():
+        session.note(f"submissions {args.action} ended {state.name}: {state.message}")
+        return EXIT_FAILED
+    report = state.result()
+    for record in report.records:
+        if args.action == "list" or record.key == args.key:
+            document = record.model_dump(mode="json", exclude={"result"})
+            document["what_to_do"] = record.what_to_do()
+            session.out.document("submission", document)
+    if report.unknown:
+        session.note(
+            f"{report.unknown} key(s) with an unknown outcome: resolve each with the task id "
+            "from your NanoPhoto account, or release it (see what_to_do)"
+        )
+    return EXIT_OK
+
+
 def sandbox(args: argparse.Namespace, session: Session) -> int:
     """Run the simulator until Ctrl-C; it prints the exports that point sora2 at it."""
     from nanophoto_simulator.cli import main as simulator_main

@@ -65,6 +65,23 @@ def emit_video_event(kind: VideoEvent, task_id: str, **payload: Any) -> None:
         _logger.warning("could not emit %s.%s: %r", EVENT_PREFIX, kind, error)
 
 
+def emit_unknown_outcome(key: str, cost: int, *, resubmitted: bool) -> None:
+    """Emit ``nanophoto.submission.unknown``: a submit under ``key`` may have been charged
+    and nobody knows its task id (the submissions ledger lists it, with what to do)."""
+    try:
+        emit_event(
+            "nanophoto.submission.unknown",
+            resource={
+                "prefect.resource.id": f"nanophoto.submission.{key}",
+                "prefect.resource.name": key,
+                "nanophoto.idempotency-key": key,
+            },
+            payload={"cost": cost, "resubmitted": resubmitted},
+        )
+    except Exception as error:
+        _logger.warning("could not emit nanophoto.submission.unknown: %r", error)
+
+
 def _fenced(text: str) -> str:
     fence = "~~~~"
     while fence in text:
@@ -112,9 +129,10 @@ class WaitProgress:
     two minutes do not sit at 0 %; it reaches 100 % only for a finished video.
     """
 
-    def __init__(self, task_id: str, expected_seconds: float) -> None:
+    def __init__(self, task_id: str, expected_seconds: float, api_second: float = 1.0) -> None:
         self.task_id = task_id
         self.expected = expected_seconds
+        self.api_second = api_second  # our seconds per NanoPhoto second: texts use NanoPhoto's
         self.status = "submitted"
         self.progress = 0.0
         self._artifact: Any = None
@@ -141,8 +159,8 @@ class WaitProgress:
         await aupdate_progress_artifact(
             self._artifact,
             progress=self.progress,
-            description=f"Video {self.task_id}: {self.status} after {elapsed:.0f} s "
-            f"(usually ~{self.expected:.0f} s)",
+            description=f"Video {self.task_id}: {self.status} after "
+            f"{elapsed / self.api_second:.0f} s (usually ~{self.expected / self.api_second:.0f} s)",
         )
 
     @best_effort

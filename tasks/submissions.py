@@ -1,60 +1,67 @@
 """Exactly-once submission: a record per idempotency key, in shared result storage.
 
-The rule, and what the user sees:
+The states a key's record goes through, and what each tells a rerun:
 
-1. Before a submit is sent, its record is written as ``sending`` (naming the
-   flow run that sends it).
-2. The moment the submit returns a task id, the record becomes ``submitted``
-   with that id. A retried or re-run flow with the same key finds it and
-   resumes watching that task with a fresh watch window: it never submits
-   again (and skips the prompt).
-3. When the video completes, the record becomes ``completed`` with the result:
-   a rerun returns it (and downloads again only if the file is gone).
-4. If the generation failed (NanoPhoto refunds it), the record becomes
-   ``failed``: a rerun with the same key pays for one new attempt.
-5. If the server refused the submit for sure (400, 401, 402, 429 after
-   retries, no connection), the record becomes ``refused``: nothing was
-   charged, so a rerun may submit.
-6. If the submit failed in a way that may have reached NanoPhoto (gateway
-   page, dropped connection, time-out, 500), or a crash cut it short, the
-   record stays ``sending``. Every later run with that key stops with
-   ``SUBMIT_OUTCOME_UNKNOWN`` instead of risking a second charge: check the
-   NanoPhoto account, then resume the task by its id (``resume-video``,
-   ``sora2 resume``) or run again with a new idempotency key.
+* ``queued``: a run claimed the key; nothing was sent. A run that finds the
+  key free and ``queued`` (its owner stopped) takes it over and submits,
+  reusing the prompt already written.
+* ``sending``: written the moment before the submit's bytes leave (after the
+  request budget granted its slot), so the window in which the outcome can
+  be unknown is one HTTP request long. A rerun that finds ``sending`` knows
+  the request may have reached NanoPhoto: it never sends it again, and says
+  how to resolve it (with the task id found in the NanoPhoto account) or
+  release it (accepting the risk of paying twice).
+* ``submitted`` (a task id), ``completed`` (the result), ``failed`` (the
+  generation failed and was refunded: one new paid attempt is allowed),
+  ``refused`` (refused for sure, nothing charged: may be sent again),
+  ``released`` (a person accepted the risk of an unknown outcome).
 
-A record that cannot be read (storage down, a half-written file) is never
-taken for "no record": the run stops without submitting.
+One lock per key (``tasks.locks``) is held from reading the record to
+recording the submit's outcome, so two runs with one key never both send:
+the second waits for the first's outcome and resumes the same video.
 
 Records live in Prefect's default result storage (``PREFECT_LOCAL_STORAGE_PATH``
 or the block named by ``PREFECT_DEFAULT_RESULT_STORAGE_BLOCK``), which every
-worker of a deployment shares; they hold no key, only task ids and hashes.
-Two runs started at the same moment with the same key are not serialised:
-the second one usually finds the first one's ``sending`` record and stops,
-but both can pass the check if they read it within milliseconds of each other.
+worker shares; they hold no key, only task ids, prompts and hashes. Whether
+a record is absent is decided per kind of storage (a missing file, a missing
+S3 object), never by a catch-all: a store that cannot be read stops the run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import re
 import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, Protocol
 
-from prefect.filesystems import LocalFileSystem, WritableFileSystem
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 from prefect.results import aget_default_result_storage
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 from pydantic import BaseModel, StringConstraints, ValidationError
 
-from nanophoto.errors import NanoPhotoError
-from nanophoto.models import VideoOptions, VideoResult
+from nanophoto.errors import ConfigurationError, NanoPhotoError
+from nanophoto.models import VideoJob, VideoResult
+from nanophoto.settings import NanoPhotoSettings
+from tasks.locks import KeyBusyError, key_lock, lock_manager
 
 FOLDER: Final = "sora2-submissions"
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+# How long a run waits for another run that holds its key: in NanoPhoto's seconds, and at
+# least a minute of ours; SORA2_KEY_WAIT (our seconds) sets it outright.
+KEY_WAIT_S: Final = 600.0
+KEY_WAIT_MIN_S: Final = 60.0
+KEY_WAIT_VARIABLE: Final = "SORA2_KEY_WAIT"
 
-State = Literal["sending", "submitted", "refused", "failed", "completed"]
+State = Literal["queued", "sending", "submitted", "completed", "failed", "refused", "released"]
 
 IdempotencyKey = Annotated[
     str,
@@ -69,6 +76,13 @@ class SubmissionStorageError(NanoPhotoError):
     may_have_started = False
 
 
+class KeyInUseError(NanoPhotoError):
+    """Another run held the idempotency key for longer than we wait: nothing was sent."""
+
+    code = "IDEMPOTENCY_KEY_IN_USE"
+    may_have_started = False
+
+
 class SubmissionRecord(BaseModel):
     """What we know of one idempotency key's video."""
 
@@ -77,11 +91,42 @@ class SubmissionRecord(BaseModel):
     fingerprint: str
     task_id: str | None = None
     prompt: str = ""
-    cost: int = 0
+    cost: int = 0  # the video's price
     attempts: int = 1
     result: VideoResult | None = None
     updated_at: datetime
+    created_at: datetime | None = None
     flow_run_id: str | None = None
+    tier: str | None = None
+    duration: int | None = None
+    prompt_credits: int = 0  # prompt streams paid for this key (a takeover reuses the prompt)
+    possibly_charged_twice: bool = False  # an unknown outcome was sent again on purpose
+    note: str = ""
+
+    @property
+    def unknown(self) -> bool:
+        """The last submit may have reached NanoPhoto and nobody knows how it ended."""
+        return self.state == "sending"
+
+    def what_to_do(self) -> str:
+        """The next step for a person, in a line."""
+        if self.state == "sending":
+            return (
+                f"outcome unknown: look for a video made around {self.updated_at:%Y-%m-%d %H:%M} "
+                f"UTC in your NanoPhoto account; then resolve the key with its task id "
+                f"(sora2 submissions resolve --key {self.key} --task-id ...), or release it "
+                f"to allow a new submit that may charge {self.cost} credits twice "
+                f"(sora2 submissions release --key {self.key})"
+            )
+        if self.state == "queued":
+            return "claimed; nothing was sent yet (a rerun submits)"
+        if self.state == "submitted":
+            return f"being made: a rerun resumes task {self.task_id} (nothing is paid again)"
+        if self.state == "completed":
+            return "delivered"
+        if self.state in ("failed", "refused", "released"):
+            return "nothing to do: a rerun may submit (one new paid attempt)"
+        return ""
 
 
 def resolve_idempotency_key(given: str | None) -> str:
@@ -96,41 +141,160 @@ def resolve_idempotency_key(given: str | None) -> str:
     return f"flow-run-{run_id}"
 
 
-def fingerprint(options: VideoOptions, source: dict[str, Any]) -> str:
-    """A hash of what is paid for: the video's options and where its prompt comes from
-    (the prompt itself, or the topic and prompt options), so a key reused for
-    another video is noticed."""
-    fields = options.model_dump(mode="json", include=set(VideoOptions.model_fields))
-    blob = json.dumps({"options": fields, "source": source}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+# --- where records are kept: "absent" decided per kind of storage ------------------------
+
+
+class RecordFiles(Protocol):
+    """Bytes by path in a shared store."""
+
+    lock_directory: Path  # where file locks live, if no lock server is configured
+
+    async def read(self, path: str) -> bytes | None:
+        """The file's bytes; None only if it surely does not exist."""
+
+    async def write(self, path: str, content: bytes) -> None:
+        """Write the whole file, never half of it."""
+
+    async def list(self, folder: str) -> list[str]:
+        """The paths of the files in ``folder``."""
+
+
+class LocalRecords:
+    """A folder on this machine (Prefect's ``LocalFileSystem``): atomic renames."""
+
+    def __init__(self, storage: LocalFileSystem) -> None:
+        self.root = Path(storage.basepath or ".").expanduser().resolve()
+        self.lock_directory = self.root / FOLDER / ".locks"
+
+    async def read(self, path: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread((self.root / path).read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def write(self, path: str, content: bytes) -> None:
+        await asyncio.to_thread(self._write, self.root / path, content)
+
+    @staticmethod
+    def _write(target: Path, content: bytes) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".record-")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(content)
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    async def list(self, folder: str) -> list[str]:
+        directory = self.root / folder
+        names = await asyncio.to_thread(lambda: sorted(os.listdir(directory)))
+        return [f"{folder}/{name}" for name in names if name.endswith(".json")]
+
+
+class FsspecRecords:
+    """Prefect's ``RemoteFileSystem`` (any fsspec URL): a missing file is FileNotFoundError."""
+
+    def __init__(self, storage: RemoteFileSystem) -> None:
+        self.storage = storage
+        self.lock_directory = Path(get_current_settings().home) / "sora2-locks"
+
+    def _full(self, path: str) -> str:
+        return f"{self.storage.basepath.rstrip('/')}/{path}"
+
+    async def read(self, path: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread(self.storage.filesystem.cat_file, self._full(path))
+        except FileNotFoundError:
+            return None
+
+    async def write(self, path: str, content: bytes) -> None:
+        await asyncio.to_thread(self.storage.filesystem.pipe_file, self._full(path), content)
+
+    async def list(self, folder: str) -> list[str]:
+        try:
+            found = await asyncio.to_thread(self.storage.filesystem.ls, self._full(folder), False)
+        except FileNotFoundError:
+            return []
+        return [f"{folder}/{str(p).rsplit('/', 1)[-1]}" for p in found if str(p).endswith(".json")]
+
+
+class S3Records:
+    """prefect-aws's ``S3Bucket``: a missing object is botocore's 404 / NoSuchKey."""
+
+    _ABSENT: Final = frozenset({"404", "NoSuchKey", "NotFound"})
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.lock_directory = Path(get_current_settings().home) / "sora2-locks"
+
+    async def read(self, path: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            content: bytes = await self.storage.aread_path(path)
+        except ClientError as error:
+            if str(error.response.get("Error", {}).get("Code")) in self._ABSENT:
+                return None
+            raise
+        return content
+
+    async def write(self, path: str, content: bytes) -> None:
+        await self.storage.awrite_path(path, content)  # one PUT: whole or not at all
+
+    async def list(self, folder: str) -> list[str]:
+        objects = await self.storage.alist_objects(folder)
+        prefix = (self.storage.bucket_folder or "").strip("/")
+        keys = [str(o["Key"]) for o in objects]
+        return [k.removeprefix(f"{prefix}/") if prefix else k for k in keys if k.endswith(".json")]
+
+
+def record_files(storage: WritableFileSystem) -> RecordFiles:
+    """The adapter for this kind of result storage; a kind we cannot vouch for is refused."""
+    if isinstance(storage, LocalFileSystem):
+        return LocalRecords(storage)
+    if isinstance(storage, RemoteFileSystem):
+        return FsspecRecords(storage)
+    if type(storage).__module__.startswith("prefect_aws") and type(storage).__name__ == "S3Bucket":
+        return S3Records(storage)
+    raise ConfigurationError(
+        f"submission records cannot be kept in a {type(storage).__name__} block: use a "
+        "local folder (PREFECT_LOCAL_STORAGE_PATH), a RemoteFileSystem or an S3Bucket as "
+        "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK. Nothing was sent."
+    )
 
 
 class SubmissionStore:
-    """Reads and writes submission records in a shared file system."""
+    """Reads and writes submission records, and holds their keys' locks."""
 
-    def __init__(self, storage: WritableFileSystem) -> None:
-        self.storage = storage
+    def __init__(self, files: RecordFiles) -> None:
+        self.files = files
+        self.locks = lock_manager(files.lock_directory)
 
     @classmethod
     async def default(cls) -> SubmissionStore:
         """The store in Prefect's default result storage."""
-        return cls(await aget_default_result_storage())
+        try:
+            storage = await aget_default_result_storage()
+        except Exception as error:
+            raise SubmissionStorageError(
+                f"could not open the result storage that keeps submission records "
+                f"({type(error).__name__}); not submitting, to avoid paying twice"
+            ) from error
+        return cls(record_files(storage))
 
     async def read(self, key: str) -> SubmissionRecord | None:
         """The record for ``key``; None only when there surely is none."""
-        path = self._path(key)
-        local = isinstance(self.storage, LocalFileSystem)
-        if local and not self.storage._resolve_path(path).exists():  # type: ignore[attr-defined]
-            return None
         try:
-            content = await self.storage.read_path(path)
-        except FileNotFoundError:
-            return None
+            content = await self.files.read(record_path(key))
         except Exception as error:
             raise SubmissionStorageError(
                 f"could not read the submission record of {key!r} ({type(error).__name__}); "
                 "not submitting, to avoid paying twice"
             ) from error
+        if content is None:
+            return None
         try:
             return SubmissionRecord.model_validate_json(content)
         except ValidationError:
@@ -140,20 +304,10 @@ class SubmissionStore:
             ) from None
 
     async def write(self, record: SubmissionRecord) -> SubmissionRecord:
-        """Write ``record`` (atomically on local storage: no half-written file)."""
+        """Write ``record`` whole (a rename on local storage, one PUT on S3)."""
         record = record.model_copy(update={"updated_at": datetime.now(UTC)})
-        content = record.model_dump_json().encode()
-        path = self._path(record.key)
         try:
-            if isinstance(self.storage, LocalFileSystem):
-                target = self.storage._resolve_path(path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".record-")
-                with os.fdopen(fd, "wb") as file:
-                    file.write(content)
-                os.replace(temporary, target)
-            else:
-                await self.storage.write_path(path, content)
+            await self.files.write(record_path(record.key), record.model_dump_json().encode())
         except Exception as error:
             raise SubmissionStorageError(
                 f"could not write the submission record of {record.key!r} "
@@ -162,19 +316,104 @@ class SubmissionStore:
             ) from error
         return record
 
+    async def all(self) -> list[SubmissionRecord]:
+        """Every record, newest first (the ledger a person reads)."""
+        try:
+            paths = await self.files.list(FOLDER)
+        except FileNotFoundError:
+            return []
+        except Exception as error:
+            raise SubmissionStorageError(
+                f"could not list the submission records ({type(error).__name__})"
+            ) from error
+        records = []
+        for path in paths:
+            content = await self.files.read(path)
+            if content is None:
+                continue
+            try:
+                records.append(SubmissionRecord.model_validate_json(content))
+            except ValidationError:
+                continue  # a half-written file from another era; read() refuses it by key
+        return sorted(records, key=lambda r: r.updated_at, reverse=True)
+
+    @asynccontextmanager
+    async def holding(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``'s lock; if another run holds it too long, stop naming that run."""
+        settings = NanoPhotoSettings()
+        wait = float(
+            os.environ.get(KEY_WAIT_VARIABLE)
+            or max(KEY_WAIT_S * settings.time_scale, KEY_WAIT_MIN_S)
+        )
+        # Long enough for a legit holder: its prompt, a rate-limit slot, its submit.
+        hold = settings.rate_window * 1.5 + settings.call_timeout * 2 * (settings.max_retries + 1)
+        holder = f"{flow_run.id or 'no-flow-run'}:{uuid.uuid4().hex[:8]}"
+        try:
+            async with key_lock(self.locks, _lock_key(key), holder, wait=wait, hold=hold):
+                yield
+        except KeyBusyError:
+            record = await self.read(key)
+            other = record.flow_run_id if record is not None else "unknown"
+            raise KeyInUseError(
+                f"idempotency key {key!r} is held by another run (flow run {other}) for longer "
+                f"than {wait:g} s; nothing was sent. Wait for that run, or use a new key."
+            ) from None
+
     @staticmethod
-    def new(key: str, state: State, print_: str, *, prompt: str, cost: int) -> SubmissionRecord:
-        """A record for this flow run."""
+    def new(
+        key: str, state: State, print_: str, job: VideoJob, *, attempts: int = 1
+    ) -> SubmissionRecord:
+        """A record of ``job`` under ``key``, owned by this flow run."""
+        now = datetime.now(UTC)
         return SubmissionRecord(
             key=key,
             state=state,
             fingerprint=print_,
-            prompt=prompt,
-            cost=cost,
-            updated_at=datetime.now(UTC),
-            flow_run_id=str(flow_run.id) if flow_run.id else None,
+            prompt=getattr(job, "prompt", "") or "",
+            cost=job.cost,
+            attempts=attempts,
+            updated_at=now,
+            created_at=now,
+            flow_run_id=current_flow_run(),
+            tier=job.model_tier.value,
+            duration=job.duration,
         )
 
-    @staticmethod
-    def _path(key: str) -> str:
-        return f"{FOLDER}/{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+def current_flow_run() -> str | None:
+    """This flow run's id, as records name their owner."""
+    return str(flow_run.id) if flow_run.id else None
+
+
+def record_path(key: str) -> str:
+    """Where the record of ``key`` is kept, relative to the result storage."""
+    return f"{FOLDER}/{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _lock_key(key: str) -> str:
+    # Lock managers name keys in files or Redis keys: a hash keeps every key safe there.
+    return "sora2-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def ledger_rows(records: list[SubmissionRecord]) -> list[dict[str, Any]]:
+    """The submissions ledger as table rows: one per key, with what to do."""
+    return [
+        {
+            "key": r.key,
+            "state": r.state,
+            "flow run": r.flow_run_id or "",
+            "updated (UTC)": f"{r.updated_at:%Y-%m-%d %H:%M:%S}",
+            "tier": r.tier or "",
+            "duration": r.duration or "",
+            "price": r.cost,
+            "task id": r.task_id or "",
+            "prompt": " ".join(r.prompt.split())[:80],
+            "what to do": r.what_to_do(),
+        }
+        for r in records
+    ]
+
+
+def ledger_json(records: list[SubmissionRecord]) -> str:
+    """The ledger as JSON, for scripts."""
+    return json.dumps([r.model_dump(mode="json", exclude={"result"}) for r in records], indent=2)

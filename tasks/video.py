@@ -76,9 +76,13 @@ async def generate_prompt(request: PromptRequest) -> GeneratedPrompt:
 async def submit_video(record: SubmissionRecord, request: VideoRequest) -> VideoStatus:
     """Start a paid video generation and return its task (never sent twice).
 
-    The submission record is written before the request (``sending``) and the
-    moment it returns (``submitted``), here in the task, so that the window in
-    which a crash leaves the outcome unknown is as small as it can be.
+    The caller holds the key's lock and has written the record ``queued``.
+    Here it becomes ``sending`` only once the request budget has granted the
+    submit its slot, the moment before the bytes leave (so a run killed while
+    it waits for a slot leaves a record saying nothing was sent), then
+    ``submitted`` with the task id the moment it returns, or ``refused`` when
+    NanoPhoto surely did not start it. When the outcome is unknown it stays
+    ``sending``, and the submissions ledger lists it.
 
     Args:
         record: The idempotency key's record for this attempt (no secrets).
@@ -89,13 +93,27 @@ async def submit_video(record: SubmissionRecord, request: VideoRequest) -> Video
     """
     logger = get_run_logger()
     store = await SubmissionStore.default()
-    sending = await store.write(record.model_copy(update={"state": "sending"}))
+    written = record
+
+    async def sending() -> None:
+        nonlocal written
+        if written.state != "sending":
+            written = await store.write(written.model_copy(update={"state": "sending"}))
+
     try:
         async with open_client() as client:
-            status = await client.submit(request)
+            status = await client.submit(request, before_send=sending)
     except NanoPhotoError as error:
         if not error.may_have_started:  # refused for sure: nothing was charged
-            await store.write(sending.model_copy(update={"state": "refused"}))
+            await store.write(written.model_copy(update={"state": "refused", "note": error.code}))
+        else:
+            logger.error(
+                "the submit of idempotency key %s may have reached NanoPhoto (%s): it is "
+                "listed as an unknown outcome in the submissions ledger (sora2 submissions "
+                "list); resolve it with the task id from your NanoPhoto account, or release it",
+                record.key,
+                error.code,
+            )
         raise
     # Named in the log before anything else can fail, so a paid task is never lost.
     logger.info(
@@ -106,7 +124,12 @@ async def submit_video(record: SubmissionRecord, request: VideoRequest) -> Video
         request.aspect_ratio.value,
         request.cost,
     )
-    await store.write(sending.model_copy(update={"state": "submitted", "task_id": status.task_id}))
+    try:
+        await store.write(
+            written.model_copy(update={"state": "submitted", "task_id": status.task_id})
+        )
+    except NanoPhotoError as error:  # paid: watch it anyway; the log names the task
+        logger.error("%s; watching %s anyway", error, status.task_id)
     return status
 
 

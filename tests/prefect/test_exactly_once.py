@@ -10,7 +10,7 @@ import pytest
 from flows.video import prompt_to_video, topic_to_video
 from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import DEFAULT_KEY, Simulator
-from tasks.submissions import SubmissionStore
+from tasks.submissions import LocalRecords, SubmissionStore, record_path
 from tests.helpers import MakeSimulator, exception_text, use_simulator
 
 FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
@@ -154,8 +154,8 @@ async def test_an_unreadable_record_stops_instead_of_paying_again(
 ) -> None:
     await prompt_to_video(prompt="a fox", schedule=FAST, output_dir="", idempotency_key=KEYS[8])
     store = await SubmissionStore.default()
-    path = store.storage._resolve_path(store._path(KEYS[8]))  # type: ignore[attr-defined]
-    path.write_bytes(b"")  # as a crash in the middle of a write would leave it
+    assert isinstance(store.files, LocalRecords)
+    (store.files.root / record_path(KEYS[8])).write_bytes(b"")  # a write cut short
     state = await prompt_to_video(
         prompt="a fox", schedule=FAST, output_dir="", idempotency_key=KEYS[8], return_state=True
     )

@@ -49,7 +49,7 @@ from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import CheckPlan, WatchSchedule
 from tasks.observe import BatchProgress, best_effort
 from tasks.ratelimit import shared_limiter
-from tasks.submissions import IdempotencyKey, resolve_idempotency_key
+from tasks.submissions import IdempotencyKey, SubmissionRecord, resolve_idempotency_key
 
 ItemStatus = Literal["delivered", "failed", "over_budget"]
 
@@ -244,6 +244,7 @@ async def batch_of_videos(
 
     progress = BatchProgress(len(items), schedule.expected_generation)
     keys = item_keys(key, items)
+    legacy = LegacyKeys(key, len(items))
 
     async def run(index: int, item: BatchItem) -> ItemOutcome:
         async with slots:
@@ -253,7 +254,7 @@ async def batch_of_videos(
                 item,
                 ItemContext(
                     key=keys[index],
-                    legacy_key=f"{key}:{index}",
+                    legacy=legacy,
                     schedule=schedule,
                     output_dir=output_dir,
                     planner=planner,
@@ -324,12 +325,38 @@ def item_keys(batch_key: str, items: list[BatchItem]) -> list[str]:
     return keys
 
 
+class LegacyKeys:
+    """The records earlier versions kept under positional keys (``<batch key>:<n>``), found
+    by fingerprint: a batch run before the keys changed, then rerun reordered, still
+    pays for no video twice. Read once, on first need."""
+
+    def __init__(self, batch_key: str, count: int) -> None:
+        self.batch_key = batch_key
+        self.count = count
+        self._by_fingerprint: dict[str, list[SubmissionRecord]] | None = None
+        self._reading = asyncio.Lock()
+
+    async def find(self, print_: str) -> SubmissionRecord | None:
+        """The legacy record of the item with this fingerprint, if one was kept."""
+        async with self._reading:
+            if self._by_fingerprint is None:
+                found = await asyncio.gather(
+                    *(earlier_outcome(f"{self.batch_key}:{n}") for n in range(self.count))
+                )
+                self._by_fingerprint = {}
+                for record in found:
+                    if record is not None:
+                        self._by_fingerprint.setdefault(record.fingerprint, []).append(record)
+            kept = self._by_fingerprint.get(print_)
+            return kept.pop(0) if kept else None  # each legacy record serves one item
+
+
 @dataclass(frozen=True)
 class ItemContext:
     """What one item's pipeline shares with the batch."""
 
     key: str
-    legacy_key: str  # the positional key of earlier versions: read, to pay for nothing twice
+    legacy: LegacyKeys  # the positional keys of earlier versions: read, to pay for nothing twice
     schedule: WatchSchedule
     output_dir: str
     planner: BudgetPlanner
@@ -347,12 +374,17 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
     logger = get_run_logger()
     job = item.job()
     key = context.key
-    earlier = await earlier_outcome(key)
-    if earlier is None:
-        legacy = await earlier_outcome(context.legacy_key)
-        if legacy is not None and legacy.fingerprint == fingerprint(job):
-            key, earlier = context.legacy_key, legacy
     outcome = ItemOutcome(index=index, item=item.label, key=key, status="failed", price=item.price)
+    try:
+        earlier = await earlier_outcome(key)
+        if earlier is None:
+            legacy = await context.legacy.find(fingerprint(job))
+            if legacy is not None:
+                key, earlier = legacy.key, legacy
+                outcome = outcome.model_copy(update={"key": key})
+    except NanoPhotoError as error:  # the store cannot say: this item stops, not the batch
+        logger.error("item %d (%s): %s", index, item.label, error)
+        return outcome.model_copy(update={"error_code": error.code, "error": str(error)[:500]})
     paid = earlier is not None and earlier.state in ("submitted", "completed")
     reserved = 0 if paid else item.price
     credits = context.credits
@@ -433,9 +465,11 @@ async def _publish(summary: BatchSummary) -> None:
             "item": o.item,
             "status": o.status,
             "credits": o.credits_used,
+            "at risk": o.credits_at_risk,
             "task id": o.task_id or "",
             "file": o.video_path or "",
             "error": o.error_code or "",
+            "key": o.key,
         }
         for o in summary.items
     ]
@@ -443,7 +477,13 @@ async def _publish(summary: BatchSummary) -> None:
         f"{summary.delivered} delivered, {summary.failed} failed, "
         f"{summary.over_budget} over budget; {summary.credits_used} credits"
         + (f" of {summary.credit_budget}" if summary.credit_budget is not None else "")
+        + (f", {summary.credits_at_risk} at risk" if summary.credits_at_risk else "")
         + f"; {summary.requests} API requests"
+        + (
+            f"; {summary.unknown} with an unknown outcome: see the submissions ledger"
+            if summary.unknown
+            else ""
+        )
     )
     await acreate_table_artifact(table=rows, key="batch-summary", description=headline)
     document = json.dumps(summary.model_dump(mode="json"), indent=2)

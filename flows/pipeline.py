@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from prefect import get_run_logger
 
@@ -41,7 +43,15 @@ from tasks.observe import (
     publish_prompt,
     publish_video,
 )
-from tasks.submissions import SubmissionRecord, SubmissionStore
+from tasks.submissions import (
+    ClaimLostError,
+    SubmissionRecord,
+    SubmissionStore,
+    claim_ttl,
+    key_in_use,
+    key_wait,
+    new_claim_token,
+)
 from tasks.video import check_video_status, download_video, generate_prompt, submit_video
 
 # (task id, submitted at) -> when to make each check of that video
@@ -124,13 +134,14 @@ async def make_video_once(
     resubmit_unknown_up_to: int = 0,
     on_submitted: Callable[[str], None] | None = None,
 ) -> VideoResult:
-    """The video of ``job``, paid for once under ``key``, whatever earlier runs did.
+    """The video of ``job``, paid for once under ``key``, whatever other runs do or did.
 
-    Under the key's lock: a delivered video is returned (downloaded again only
-    if the file is gone); a submitted one is resumed; otherwise the key is
-    claimed (``queued``), the prompt written (or the one a crashed run left
-    reused), and the video submitted once. The lock is released once the
-    submit's outcome is recorded; the watch and the download come after.
+    A delivered video is returned (downloaded again only if the file is gone);
+    a submitted one is resumed. While another run's claim on the key is alive,
+    this run waits for it (``key_wait``), then looks again. Otherwise it claims
+    the key (``queued``, a lease it renews), writes the prompt (or reuses the
+    one a stopped run paid for) and submits once; the watch and the download
+    come after. Each look and each change is one short hold of the key's lock.
 
     An earlier submit whose outcome is unknown is never sent again, unless its
     price is at most ``resubmit_unknown_up_to`` credits: then it is, and the
@@ -139,25 +150,38 @@ async def make_video_once(
     spend = spend if spend is not None else Spend()
     store = await SubmissionStore.default()
     print_ = fingerprint(job)
-    async with store.holding(key):
-        record = await store.read(key)
-        _check_fingerprint(record, print_, key)
-        delivered = record.result if record is not None and record.state == "completed" else None
-        if delivered is not None and (
-            not how.output_dir or await _saved(how.output_dir, delivered.task_id)
-        ):
-            get_run_logger().info(
-                "idempotency key %s already delivered video %s", key, delivered.task_id
-            )
-            spend.earlier, spend.task_id = True, delivered.task_id
-            return delivered
-        if record is not None and record.task_id and record.state in ("submitted", "completed"):
-            video = _resumed(record)
-        else:
-            video = await _claim_and_submit(
-                store, key, print_, job, record, how, spend, resubmit_unknown_up_to
-            )
+    token = new_claim_token()
+    wait = key_wait()
+    deadline = time.monotonic() + wait
+    while True:
+        async with store.holding(key):
             record = await store.read(key)
+            _check_fingerprint(record, print_, key)
+            step = await _next_step(record, how, token)
+            if step == "unknown" and record and 0 < record.cost <= resubmit_unknown_up_to:
+                record = await _released_by_policy(store, record)
+                step = "claim"
+            if step == "claim":
+                claimed = await store.write(_claim(key, print_, job, record, token))
+        if step == "delivered" and record is not None and record.result is not None:
+            get_run_logger().info(
+                "idempotency key %s already delivered video %s", key, record.result.task_id
+            )
+            spend.earlier, spend.task_id = True, record.result.task_id
+            return record.result
+        if step == "resume" and record is not None:
+            video = _resumed(record)
+            break
+        if step == "unknown" and record is not None:
+            raise _unknown_outcome(record)
+        if step == "claim":
+            spend.possibly_charged_twice = claimed.possibly_charged_twice
+            async with _kept_alive(store, key, token):
+                video, record = await _prompt_and_submit(store, claimed, job, how, spend)
+            break
+        if time.monotonic() >= deadline:  # another run's claim is alive: wait, look again
+            raise key_in_use(key, record, wait)
+        await asyncio.sleep(0.2)
     if video.paid_here and on_submitted is not None:
         on_submitted(video.task_id)
     if not video.paid_here:
@@ -177,12 +201,101 @@ async def make_video_once(
         raise
 
 
+async def _next_step(record: SubmissionRecord | None, how: Watching, token: str) -> str:
+    """What this run does with the key now: delivered, resume, wait, unknown or claim."""
+    if record is None:
+        return "claim"
+    delivered = record.result if record.state == "completed" else None
+    if delivered is not None and (
+        not how.output_dir or await _saved(how.output_dir, delivered.task_id)
+    ):
+        return "delivered"
+    if record.task_id and record.state in ("submitted", "completed"):
+        return "resume"
+    if record.claimed_by_another(token):
+        return "wait"
+    if record.state == "sending":
+        return "unknown"
+    return "claim"  # no live claim: a stopped run's queued, failed, refused, released
+
+
 def _check_fingerprint(record: SubmissionRecord | None, print_: str, key: str) -> None:
     if record is not None and record.fingerprint != print_:
         raise ValueError(
             f"idempotency_key: {key!r} was already used for another video (other prompt, "
             "topic or options); use a new key for a new video"
         )
+
+
+def _claim(
+    key: str, print_: str, job: VideoJob, record: SubmissionRecord | None, token: str
+) -> SubmissionRecord:
+    """The key claimed by this run: ``queued``, with a lease, the next attempt's number,
+    and the prompt a stopped run already paid for."""
+    claimed = SubmissionStore.new(key, "queued", print_, job)
+    if record is not None:
+        again = record.state in ("failed", "released")  # a new paid attempt
+        claimed = claimed.model_copy(
+            update={
+                "attempts": record.attempts + (1 if again else 0),
+                "prompt": record.prompt or claimed.prompt,
+                "prompt_credits": record.prompt_credits,
+                "possibly_charged_twice": record.possibly_charged_twice
+                or record.state == "released",
+                "created_at": record.created_at or claimed.created_at,
+            }
+        )
+    lease = datetime.now(UTC) + timedelta(seconds=claim_ttl())
+    return claimed.model_copy(update={"claim": token, "claimed_until": lease})
+
+
+async def _released_by_policy(store: SubmissionStore, record: SubmissionRecord) -> SubmissionRecord:
+    """``resubmit_unknown_up_to_credits`` allows it: release the unknown, and say so."""
+    get_run_logger().warning(
+        "idempotency key %s: an earlier submit's outcome is unknown; sending it again as "
+        "resubmit_unknown_up_to_credits allows: possibly charged twice (%d credits)",
+        record.key,
+        record.cost,
+    )
+    emit_unknown_outcome(record.key, record.cost, resubmitted=True)
+    return await store.write(
+        record.model_copy(
+            update={
+                "state": "released",
+                "possibly_charged_twice": True,
+                "note": "released by resubmit_unknown_up_to_credits: possibly charged twice",
+            }
+        )
+    )
+
+
+@asynccontextmanager
+async def _kept_alive(store: SubmissionStore, key: str, token: str) -> AsyncIterator[None]:
+    """Renew this run's claim on ``key`` while it prepares and sends the submit."""
+    ttl = claim_ttl()
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(ttl / 4)
+            lease = datetime.now(UTC) + timedelta(seconds=ttl)
+            try:
+                renewed = await store.update(
+                    key,
+                    lambda r: r.state == "queued" and r.claim == token,
+                    {"claimed_until": lease},
+                )
+            except NanoPhotoError as error:  # the next renewal tries again
+                get_run_logger().warning("could not renew the claim on %s: %s", key, error)
+                continue
+            if renewed is None:
+                return  # sending, or taken over: nothing left to renew
+
+    renewing = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewing.cancel()
+        await asyncio.gather(renewing, return_exceptions=True)
 
 
 def _resumed(record: SubmissionRecord) -> SubmittedVideo:
@@ -215,49 +328,18 @@ def _unknown_outcome(record: SubmissionRecord) -> SubmitOutcomeUnknownError:
     )
 
 
-async def _claim_and_submit(
+async def _prompt_and_submit(
     store: SubmissionStore,
-    key: str,
-    print_: str,
+    claimed: SubmissionRecord,
     job: VideoJob,
-    record: SubmissionRecord | None,
     how: Watching,
     spend: Spend,
-    resubmit_unknown_up_to: int,
-) -> SubmittedVideo:
-    """Claim the key (``queued``), write the prompt, submit once: the lock is held."""
+) -> tuple[SubmittedVideo, SubmissionRecord]:
+    """Write the prompt (unless the claim carries one) and submit once, under our claim."""
     logger = get_run_logger()
-    attempts, prompt, prompt_credits, twice = 1, "", 0, False
-    if record is not None:
-        prompt, prompt_credits = record.prompt, record.prompt_credits
-        attempts, twice = record.attempts, record.possibly_charged_twice
-        if record.state in ("failed", "released"):
-            attempts += 1
-        elif record.state == "sending":
-            if not 0 < record.cost <= resubmit_unknown_up_to:
-                raise _unknown_outcome(record)
-            logger.warning(
-                "idempotency key %s: an earlier submit's outcome is unknown; sending it "
-                "again as resubmit_unknown_up_to_credits allows: possibly charged twice "
-                "(%d credits at risk)",
-                key,
-                record.cost,
-            )
-            spend.at_risk += record.cost
-            attempts, twice = attempts + 1, True
-            emit_unknown_outcome(key, record.cost, resubmitted=True)
-    queued = store.new(key, "queued", print_, job, attempts=attempts)
-    queued = queued.model_copy(
-        update={
-            "prompt": prompt or queued.prompt,
-            "possibly_charged_twice": twice,
-            "prompt_credits": prompt_credits,
-        }
-    )
-    queued = await store.write(queued)
-    spend.possibly_charged_twice = twice
+    key, token = claimed.key, claimed.claim
     started = time.monotonic()
-    if isinstance(job, PromptRequest) and not queued.prompt:
+    if isinstance(job, PromptRequest) and not claimed.prompt:
         try:
             generated = await generate_prompt(job)
         except NanoPhotoError as error:
@@ -266,19 +348,25 @@ async def _claim_and_submit(
             raise
         spend.prompt_credits += PROMPT_COST * generated.streams_charged
         spend.at_risk += PROMPT_COST * generated.streams_at_risk
-        queued = await store.write(
-            queued.model_copy(
-                update={"prompt": generated.text, "prompt_credits": spend.prompt_credits}
-            )
+        updated = await store.update(
+            key,
+            lambda r: r.state == "queued" and r.claim == token,
+            {"prompt": generated.text, "prompt_credits": spend.prompt_credits},
         )
+        if updated is None:
+            raise ClaimLostError(
+                f"idempotency key {key!r} was taken over by another run while this one wrote "
+                "its prompt; nothing was submitted"
+            )
+        claimed = updated
     elif isinstance(job, PromptRequest):
         logger.info("idempotency key %s: reusing the prompt an earlier run paid for", key)
     prompt_seconds = time.monotonic() - started
-    request = job if isinstance(job, VideoRequest) else job.with_prompt(queued.prompt)
+    request = job if isinstance(job, VideoRequest) else job.with_prompt(claimed.prompt)
     if how.artifacts:
         await publish_prompt(request, topic=getattr(job, "topic", None))
     try:
-        submitted = await submit_video(queued, request)
+        submitted = await submit_video(claimed, request)
     except NanoPhotoError as error:
         if error.may_have_started:
             spend.at_risk += request.cost
@@ -295,7 +383,7 @@ async def _claim_and_submit(
         cost=request.cost,
         idempotency_key=key,
     )
-    return SubmittedVideo(
+    video = SubmittedVideo(
         status=submitted,
         submitted_at=submitted_at,
         prompt=request.prompt,
@@ -304,6 +392,8 @@ async def _claim_and_submit(
         prompt_credits=spend.prompt_credits,
         timings=StageTimings(prompt=prompt_seconds, submit=submitted_at - started - prompt_seconds),
     )
+    record = claimed.model_copy(update={"state": "submitted", "task_id": submitted.task_id})
+    return video, record
 
 
 async def _saved(output: str, task_id: str) -> bool:
@@ -314,23 +404,39 @@ async def _saved(output: str, task_id: str) -> bool:
 async def finish_and_record(
     store: SubmissionStore, record: SubmissionRecord, video: SubmittedVideo, how: Watching
 ) -> VideoResult:
-    """``finish_video``, then record how the key's video ended (completed or failed)."""
-    record = record.model_copy(update={"task_id": video.task_id})
+    """``finish_video``, then record how the key's video ended (completed or failed).
+
+    Recorded only if the key's record is still this video's attempt: a run
+    that watched a video late never overwrites a newer attempt.
+    """
     try:
         result = await finish_video(video, how)
     except GenerationFailedError:
-        await _record(store, record.model_copy(update={"state": "failed"}))
+        await _record(store, record, video.task_id, {"state": "failed"})
         raise
-    await _record(store, record.model_copy(update={"state": "completed", "result": result}))
+    await _record(store, record, video.task_id, {"state": "completed", "result": result})
     return result
 
 
-async def _record(store: SubmissionStore, record: SubmissionRecord) -> None:
+async def _record(
+    store: SubmissionStore, record: SubmissionRecord, task_id: str, change: dict[str, object]
+) -> None:
     """Best-effort: the video's fate is decided; a rerun just resumes it if this fails."""
+
+    def same_attempt(stored: SubmissionRecord) -> bool:
+        return stored.attempts == record.attempts and stored.task_id in (None, task_id)
+
     try:
-        await store.write(record)
+        written = await store.update(record.key, same_attempt, {"task_id": task_id, **change})
     except NanoPhotoError as error:
         get_run_logger().warning("%s", error)
+        return
+    if written is None:
+        get_run_logger().info(
+            "idempotency key %s moved on to a newer attempt: video %s not recorded over it",
+            record.key,
+            task_id,
+        )
 
 
 async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:

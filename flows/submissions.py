@@ -28,13 +28,14 @@ from nanophoto.models import TaskIdText, VideoStatus
 from nanophoto.watch import ResumeSchedule
 from tasks.observe import best_effort
 from tasks.submissions import (
-    IdempotencyKey,
+    ItemKey,
     SubmissionRecord,
     SubmissionStore,
     current_flow_run,
     ledger_json,
     ledger_rows,
 )
+from tasks.video import check_video_status
 
 Action = Literal["list", "resolve", "release"]
 # A key's record may be resolved while nobody knows its video; never over a known one.
@@ -51,13 +52,14 @@ class LedgerReport(BaseModel):
     video_path: str | None = None
     unknown: int  # keys whose submit's outcome is unknown
     records: list[SubmissionRecord]
+    unreadable: list[str] = []  # records that cannot be read: a run with their key stops
 
 
 @flow(name="submissions", flow_run_name="submissions: {action}", **RESULTS)
 @described
 async def submissions(
     action: Action = "list",
-    idempotency_key: IdempotencyKey | None = None,
+    idempotency_key: ItemKey | None = None,
     task_id: TaskIdText | None = None,
     schedule: ResumeSchedule = ResumeSchedule(),
     output_dir: str = "videos",
@@ -86,6 +88,9 @@ async def submissions(
             raise ValueError(f"idempotency_key: needed to {action} a key")
         if action == "resolve" and not task_id:
             raise ValueError("task_id: needed to resolve a key (from your NanoPhoto account)")
+        if action == "resolve":
+            assert task_id is not None
+            await check_video_status(task_id)  # a mistyped id fails here: TASK_NOT_FOUND
         async with store.holding(idempotency_key):
             record = await store.read(idempotency_key)
             if record is None:
@@ -110,8 +115,8 @@ async def submissions(
             )
             record = await store.read(record.key)
         logger.info("%s %s: now %s", action, idempotency_key, record.state if record else "?")
-    records = await store.all()
-    await _publish(records)
+    records, unreadable = await store.all()
+    await _publish(records, unreadable)
     return LedgerReport(
         action=action,
         key=idempotency_key,
@@ -120,6 +125,7 @@ async def submissions(
         video_path=result.video_path if result else None,
         unknown=sum(r.unknown for r in records),
         records=records,
+        unreadable=unreadable,
     )
 
 
@@ -143,7 +149,13 @@ async def _release(store: SubmissionStore, record: SubmissionRecord) -> Submissi
 async def _resolve(
     store: SubmissionStore, record: SubmissionRecord, task_id: str
 ) -> SubmissionRecord:
-    if record.state not in _RESOLVABLE:
+    by_hand = record.state == "submitted" and record.note.startswith("resolved by")
+    if record.claimed_by_another(token=""):
+        raise ValueError(
+            f"idempotency_key: {record.key!r} is being submitted by flow run "
+            f"{record.flow_run_id} right now; wait for it"
+        )
+    if record.state not in _RESOLVABLE and not by_hand:
         raise ValueError(
             f"idempotency_key: {record.key!r} is {record.state} with task {record.task_id}: "
             "its video is known, there is nothing to resolve"
@@ -160,12 +172,14 @@ async def _resolve(
 
 
 @best_effort
-async def _publish(records: list[SubmissionRecord]) -> None:
+async def _publish(records: list[SubmissionRecord], unreadable: list[str]) -> None:
     """The ledger as a table a person reads in the UI, and as JSON."""
     unknown = sum(r.unknown for r in records)
     headline = f"{len(records)} keys; {unknown} with an unknown outcome (see 'what to do')"
+    if unreadable:
+        headline += f"; {len(unreadable)} unreadable records"
     await acreate_table_artifact(
-        table=ledger_rows(records), key="submissions-ledger", description=headline
+        table=ledger_rows(records, unreadable), key="submissions-ledger", description=headline
     )
     await acreate_markdown_artifact(
         markdown=f"# Submissions ledger\n\n{headline}\n\n```json\n{ledger_json(records)}\n```\n",

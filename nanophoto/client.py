@@ -217,7 +217,11 @@ class NanoPhotoClient:
         return GeneratedPrompt(text=text, streams_charged=1 + abandoned, streams_at_risk=at_risk)
 
     async def submit(
-        self, request: VideoRequest, *, before_send: Callable[[], Awaitable[None]] | None = None
+        self,
+        request: VideoRequest,
+        *,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+        after_unsent: Callable[[NanoPhotoError], Awaitable[None]] | None = None,
     ) -> VideoStatus:
         """Start a video; its ``task_id`` is what to watch.
 
@@ -226,6 +230,9 @@ class NanoPhotoClient:
         ``SubmitOutcomeUnknownError``: sending it again could charge twice.
         ``before_send`` runs before each attempt's bytes leave, once its slot
         of the request budget is granted: the moment to record "sending".
+        ``after_unsent`` runs after an attempt that surely did not start (no
+        connection, a 429), before any retry waits: the moment to record that
+        nothing is on the wire any more.
         """
 
         async def attempt() -> VideoStatus:
@@ -242,6 +249,7 @@ class NanoPhotoClient:
                 retry_if=_surely_not_started,
                 priority=Priority.SUBMIT,
                 before_attempt=before_send,
+                after_unsent=after_unsent,
             )
         except NanoPhotoError as error:
             if error.may_have_started:
@@ -350,6 +358,7 @@ class NanoPhotoClient:
         retry_if: Callable[[NanoPhotoError], bool],
         priority: Priority | None = None,
         before_attempt: Callable[[], Awaitable[None]] | None = None,
+        after_unsent: Callable[[NanoPhotoError], Awaitable[None]] | None = None,
     ) -> T:
         """Run ``attempt``, each within the call time limit, retrying what ``retry_if`` allows.
 
@@ -371,6 +380,8 @@ class NanoPhotoClient:
                         f"{name} took longer than {self.settings.call_timeout:g} s"
                     ) from None
             except NanoPhotoError as error:
+                if after_unsent is not None and not error.may_have_started:
+                    await after_unsent(error)
                 if retry >= self.retry.max_retries or not retry_if(error):
                     raise
                 delay = self.retry.delay(retry, error)

@@ -92,8 +92,11 @@ class FileLockManager(LockManager):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(_POLL_S)
-        os.ftruncate(fd, 0)
-        os.write(fd, holder.encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, holder.encode())  # for a person looking: who holds it
+        except OSError:
+            pass  # the lock is the flock, not the text
         self._held[key] = (holder, fd)
         return True
 
@@ -203,9 +206,7 @@ async def key_lock(
     for a key keeps no thread busy, whatever the manager.
     """
     deadline = time.monotonic() + wait
-    while not await asyncio.to_thread(
-        manager.acquire_lock, key, holder, acquire_timeout=0, hold_timeout=hold
-    ):
+    while not await _attempt(manager, key, holder, hold):
         if time.monotonic() >= deadline:
             raise KeyBusyError(key)
         await asyncio.sleep(_POLL_S * 4)
@@ -213,3 +214,16 @@ async def key_lock(
         yield
     finally:
         await asyncio.shield(asyncio.to_thread(manager.release_lock, key, holder))
+
+
+async def _attempt(manager: LockManager, key: str, holder: str, hold: float) -> bool:
+    """One attempt at the lock; if we are cancelled while it runs, a lock it took is freed."""
+    attempt = asyncio.ensure_future(
+        asyncio.to_thread(manager.acquire_lock, key, holder, acquire_timeout=0, hold_timeout=hold)
+    )
+    try:
+        return await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        if await attempt:  # the thread finished: free what it took for nobody
+            await asyncio.to_thread(manager.release_lock, key, holder)
+        raise

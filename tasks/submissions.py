@@ -2,9 +2,10 @@
 
 The states a key's record goes through, and what each tells a rerun:
 
-* ``queued``: a run claimed the key; nothing was sent. A run that finds the
-  key free and ``queued`` (its owner stopped) takes it over and submits,
-  reusing the prompt already written.
+* ``queued``: a run claimed the key; nothing was sent. The claim is a lease
+  its run renews while it writes the prompt and waits for a rate-limit slot;
+  a run that finds a ``queued`` key whose lease ran out (its run stopped)
+  takes it over and submits, reusing the prompt already written.
 * ``sending``: written the moment before the submit's bytes leave (after the
   request budget granted its slot), so the window in which the outcome can
   be unknown is one HTTP request long. A rerun that finds ``sending`` knows
@@ -16,9 +17,11 @@ The states a key's record goes through, and what each tells a rerun:
   ``refused`` (refused for sure, nothing charged: may be sent again),
   ``released`` (a person accepted the risk of an unknown outcome).
 
-One lock per key (``tasks.locks``) is held from reading the record to
-recording the submit's outcome, so two runs with one key never both send:
-the second waits for the first's outcome and resumes the same video.
+Every change of a record happens under its key's lock (``tasks.locks``),
+held only for the read and the write, and checks that the record is still
+what the run expects (its claim, its attempt): so two runs with one key never
+both send. A second run waits while the first's claim is alive, then resumes
+the same video.
 
 Records live in Prefect's default result storage (``PREFECT_LOCAL_STORAGE_PATH``
 or the block named by ``PREFECT_DEFAULT_RESULT_STORAGE_BLOCK``), which every
@@ -36,7 +39,7 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,17 +54,31 @@ from pydantic import BaseModel, StringConstraints, ValidationError
 from nanophoto.errors import ConfigurationError, NanoPhotoError
 from nanophoto.models import VideoJob, VideoResult
 from nanophoto.settings import NanoPhotoSettings
-from tasks.locks import KeyBusyError, key_lock, lock_manager
+from tasks.locks import REDIS_URL_VARIABLE, KeyBusyError, key_lock, lock_manager
 
 FOLDER: Final = "sora2-submissions"
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
-# How long a run waits for another run that holds its key: in NanoPhoto's seconds, and at
+# How long a run waits for another run's claim on its key: in NanoPhoto's seconds, and at
 # least a minute of ours; SORA2_KEY_WAIT (our seconds) sets it outright.
 KEY_WAIT_S: Final = 600.0
 KEY_WAIT_MIN_S: Final = 60.0
 KEY_WAIT_VARIABLE: Final = "SORA2_KEY_WAIT"
+# How long a claim lives unless renewed (its run renews it 4 times as often): a run that
+# died leaves its key to others after this. NanoPhoto's seconds, at least 5 of ours.
+CLAIM_TTL_S: Final = 120.0
+CLAIM_TTL_MIN_S: Final = 5.0
+# A critical section is one read and one write; a lock server frees a dead holder's key
+# after this.
+_LOCK_HOLD_S: Final = 60.0
+# Records shared by machines need a shared lock; set this only if every worker runs on
+# this one machine (file locks then suffice).
+LOCAL_LOCKS_VARIABLE: Final = "SORA2_LOCAL_LOCKS"
 
 State = Literal["queued", "sending", "submitted", "completed", "failed", "refused", "released"]
+ItemKey = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9_.:-]{1,300}$"),
+]
 
 IdempotencyKey = Annotated[
     str,
@@ -83,6 +100,10 @@ class KeyInUseError(NanoPhotoError):
     may_have_started = False
 
 
+class ClaimLostError(KeyInUseError):
+    """Our claim on the key ran out and another run took it: we do not send."""
+
+
 class SubmissionRecord(BaseModel):
     """What we know of one idempotency key's video."""
 
@@ -102,6 +123,17 @@ class SubmissionRecord(BaseModel):
     prompt_credits: int = 0  # prompt streams paid for this key (a takeover reuses the prompt)
     possibly_charged_twice: bool = False  # an unknown outcome was sent again on purpose
     note: str = ""
+    claim: str | None = None  # the run that claimed the key (a token), while queued or sending
+    claimed_until: datetime | None = None  # the claim's lease; renewed while queued
+
+    def claimed_by_another(self, token: str) -> bool:
+        """A live claim of another run: it is preparing or sending this key's submit."""
+        return (
+            self.state == "queued"
+            and self.claim not in (None, token)
+            and self.claimed_until is not None
+            and self.claimed_until > datetime.now(UTC)
+        )
 
     @property
     def unknown(self) -> bool:
@@ -244,7 +276,7 @@ class S3Records:
         await self.storage.awrite_path(path, content)  # one PUT: whole or not at all
 
     async def list(self, folder: str) -> list[str]:
-        objects = await self.storage.alist_objects(folder)
+        objects = await self.storage.alist_objects(f"{folder}/")
         prefix = (self.storage.bucket_folder or "").strip("/")
         keys = [str(o["Key"]) for o in objects]
         return [k.removeprefix(f"{prefix}/") if prefix else k for k in keys if k.endswith(".json")]
@@ -270,6 +302,14 @@ class SubmissionStore:
 
     def __init__(self, files: RecordFiles) -> None:
         self.files = files
+        shared = not isinstance(files, LocalRecords)
+        redis = os.environ.get(REDIS_URL_VARIABLE, "").strip()
+        if shared and not redis and os.environ.get(LOCAL_LOCKS_VARIABLE, "") != "1":
+            raise ConfigurationError(
+                "submission records on shared storage need a lock every worker shares: set "
+                f"{REDIS_URL_VARIABLE} (redis://host:6379/0), or {LOCAL_LOCKS_VARIABLE}=1 if "
+                "every worker runs on this one machine. Nothing was sent."
+            )
         self.locks = lock_manager(files.lock_directory)
 
     @classmethod
@@ -286,11 +326,14 @@ class SubmissionStore:
 
     async def read(self, key: str) -> SubmissionRecord | None:
         """The record for ``key``; None only when there surely is none."""
+        return await self._read_path(record_path(key), key)
+
+    async def _read_path(self, path: str, what: str) -> SubmissionRecord | None:
         try:
-            content = await self.files.read(record_path(key))
+            content = await self.files.read(path)
         except Exception as error:
             raise SubmissionStorageError(
-                f"could not read the submission record of {key!r} ({type(error).__name__}); "
+                f"could not read the submission record of {what!r} ({type(error).__name__}); "
                 "not submitting, to avoid paying twice"
             ) from error
         if content is None:
@@ -299,8 +342,9 @@ class SubmissionStore:
             return SubmissionRecord.model_validate_json(content)
         except ValidationError:
             raise SubmissionStorageError(
-                f"the submission record of {key!r} is unreadable (a write cut short?); "
-                "not submitting, to avoid paying twice: check your NanoPhoto account"
+                f"the submission record of {what!r} is unreadable (a write cut short, or "
+                f"another version's?): {path}; not submitting, to avoid paying twice: check "
+                "your NanoPhoto account"
             ) from None
 
     async def write(self, record: SubmissionRecord) -> SubmissionRecord:
@@ -316,48 +360,51 @@ class SubmissionStore:
             ) from error
         return record
 
-    async def all(self) -> list[SubmissionRecord]:
-        """Every record, newest first (the ledger a person reads)."""
+    async def update(
+        self, key: str, expect: Callable[[SubmissionRecord], bool], change: dict[str, Any]
+    ) -> SubmissionRecord | None:
+        """Under the key's lock: apply ``change`` if the record is still what ``expect``
+        says; None (nothing written) if another run changed it meanwhile."""
+        async with self.holding(key):
+            record = await self.read(key)
+            if record is None or not expect(record):
+                return None
+            return await self.write(record.model_copy(update=change))
+
+    async def all(self) -> tuple[list[SubmissionRecord], list[str]]:
+        """Every record, newest first (the ledger a person reads), and the paths of
+        records that cannot be read: never hidden, a rerun with their key stops."""
         try:
             paths = await self.files.list(FOLDER)
         except FileNotFoundError:
-            return []
+            return [], []
         except Exception as error:
             raise SubmissionStorageError(
                 f"could not list the submission records ({type(error).__name__})"
             ) from error
-        records = []
+        records, unreadable = [], []
         for path in paths:
-            content = await self.files.read(path)
-            if content is None:
-                continue
             try:
-                records.append(SubmissionRecord.model_validate_json(content))
-            except ValidationError:
-                continue  # a half-written file from another era; read() refuses it by key
-        return sorted(records, key=lambda r: r.updated_at, reverse=True)
+                record = await self._read_path(path, path)
+            except SubmissionStorageError:
+                unreadable.append(path)
+                continue
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda r: r.updated_at, reverse=True), unreadable
 
     @asynccontextmanager
     async def holding(self, key: str) -> AsyncIterator[None]:
-        """Hold ``key``'s lock; if another run holds it too long, stop naming that run."""
-        settings = NanoPhotoSettings()
-        wait = float(
-            os.environ.get(KEY_WAIT_VARIABLE)
-            or max(KEY_WAIT_S * settings.time_scale, KEY_WAIT_MIN_S)
-        )
-        # Long enough for a legit holder: its prompt, a rate-limit slot, its submit.
-        hold = settings.rate_window * 1.5 + settings.call_timeout * 2 * (settings.max_retries + 1)
-        holder = f"{flow_run.id or 'no-flow-run'}:{uuid.uuid4().hex[:8]}"
+        """Hold ``key``'s lock for one read and write; if another holds it longer than we
+        wait, stop naming that run."""
+        wait = key_wait()
+        holder = new_claim_token()
         try:
-            async with key_lock(self.locks, _lock_key(key), holder, wait=wait, hold=hold):
+            async with key_lock(self.locks, _lock_key(key), holder, wait=wait, hold=_LOCK_HOLD_S):
                 yield
         except KeyBusyError:
             record = await self.read(key)
-            other = record.flow_run_id if record is not None else "unknown"
-            raise KeyInUseError(
-                f"idempotency key {key!r} is held by another run (flow run {other}) for longer "
-                f"than {wait:g} s; nothing was sent. Wait for that run, or use a new key."
-            ) from None
+            raise key_in_use(key, record, wait) from None
 
     @staticmethod
     def new(
@@ -380,6 +427,38 @@ class SubmissionStore:
         )
 
 
+def key_wait() -> float:
+    """Seconds a run waits for another run's claim on its key."""
+    given = os.environ.get(KEY_WAIT_VARIABLE, "").strip()
+    if given:
+        try:
+            return float(given)
+        except ValueError:
+            raise ConfigurationError(
+                f"{KEY_WAIT_VARIABLE}: must be seconds, not {given!r}"
+            ) from None
+    return max(KEY_WAIT_S * NanoPhotoSettings().time_scale, KEY_WAIT_MIN_S)
+
+
+def claim_ttl() -> float:
+    """Seconds a claim lives unless its run renews it."""
+    return max(CLAIM_TTL_S * NanoPhotoSettings().time_scale, CLAIM_TTL_MIN_S)
+
+
+def new_claim_token() -> str:
+    """A token naming this flow run and this attempt at a key."""
+    return f"{flow_run.id or 'no-flow-run'}:{uuid.uuid4().hex[:12]}"
+
+
+def key_in_use(key: str, record: SubmissionRecord | None, wait: float) -> KeyInUseError:
+    """The error of a run that waited for another run's claim in vain."""
+    other = record.flow_run_id if record is not None else "unknown"
+    return KeyInUseError(
+        f"idempotency key {key!r} is claimed by another run (flow run {other}) for longer than "
+        f"{wait:g} s; nothing was sent. Wait for that run, or use a new key."
+    )
+
+
 def current_flow_run() -> str | None:
     """This flow run's id, as records name their owner."""
     return str(flow_run.id) if flow_run.id else None
@@ -395,9 +474,27 @@ def _lock_key(key: str) -> str:
     return "sora2-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
-def ledger_rows(records: list[SubmissionRecord]) -> list[dict[str, Any]]:
-    """The submissions ledger as table rows: one per key, with what to do."""
-    return [
+def ledger_rows(
+    records: list[SubmissionRecord], unreadable: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The submissions ledger as table rows: one per key, with what to do; a record that
+    cannot be read is a row too (its key is unknown: its file is named)."""
+    rows = [
+        {
+            "key": "(unreadable)",
+            "state": "unreadable",
+            "flow run": "",
+            "updated (UTC)": "",
+            "tier": "",
+            "duration": "",
+            "price": "",
+            "task id": "",
+            "prompt": "",
+            "what to do": f"inspect {path}: a run with its key stops rather than pay again",
+        }
+        for path in unreadable or []
+    ]
+    return rows + [
         {
             "key": r.key,
             "state": r.state,

@@ -19,6 +19,8 @@ top, which would multiply the attempts and cannot honour ``Retry-After``):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -28,7 +30,7 @@ from nanophoto.errors import NanoPhotoError
 from nanophoto.models import GeneratedPrompt, PromptRequest, VideoRequest, VideoStatus
 from nanophoto.storage import VideoStore
 from tasks.credentials import open_client
-from tasks.submissions import SubmissionRecord, SubmissionStore
+from tasks.submissions import ClaimLostError, SubmissionRecord, SubmissionStore, claim_ttl
 
 
 class _LineLogger:
@@ -55,7 +57,7 @@ class _LineLogger:
             self._pending = ""
 
 
-@task(name="generate-prompt", cache_policy=NO_CACHE)
+@task(name="generate-prompt", cache_policy=NO_CACHE, retries=0)
 async def generate_prompt(request: PromptRequest) -> GeneratedPrompt:
     """Stream a structured video prompt for a topic, logging it as it is written.
 
@@ -72,20 +74,21 @@ async def generate_prompt(request: PromptRequest) -> GeneratedPrompt:
     return prompt
 
 
-@task(name="submit-video", cache_policy=NO_CACHE)
+@task(name="submit-video", cache_policy=NO_CACHE, retries=0)
 async def submit_video(record: SubmissionRecord, request: VideoRequest) -> VideoStatus:
     """Start a paid video generation and return its task (never sent twice).
 
-    The caller holds the key's lock and has written the record ``queued``.
-    Here it becomes ``sending`` only once the request budget has granted the
-    submit its slot, the moment before the bytes leave (so a run killed while
-    it waits for a slot leaves a record saying nothing was sent), then
-    ``submitted`` with the task id the moment it returns, or ``refused`` when
-    NanoPhoto surely did not start it. When the outcome is unknown it stays
-    ``sending``, and the submissions ledger lists it.
+    The caller has claimed the key (``record``: ``queued``, with its claim).
+    Here the record becomes ``sending`` only once the request budget granted
+    the submit its slot, the moment before the bytes leave, and only if the
+    claim is still this run's (else nothing is sent); ``queued`` again after
+    an attempt that surely did not start; then ``submitted`` with the task id
+    the moment it returns, or ``refused`` when NanoPhoto surely did not start
+    it. When the outcome is unknown it stays ``sending``, and the submissions
+    ledger lists it. Never retried by Prefect: a second send is a second charge.
 
     Args:
-        record: The idempotency key's record for this attempt (no secrets).
+        record: The idempotency key's claimed record for this attempt (no secrets).
         request: The prompt and rendering options.
 
     Returns:
@@ -93,25 +96,38 @@ async def submit_video(record: SubmissionRecord, request: VideoRequest) -> Video
     """
     logger = get_run_logger()
     store = await SubmissionStore.default()
-    written = record
+    key, claim = record.key, record.claim
+
+    def ours(*states: str) -> Callable[[SubmissionRecord], bool]:
+        return lambda r: r.state in states and r.claim == claim and r.attempts == record.attempts
 
     async def sending() -> None:
-        nonlocal written
-        if written.state != "sending":
-            written = await store.write(written.model_copy(update={"state": "sending"}))
+        if await store.update(key, ours("queued", "sending"), {"state": "sending"}) is None:
+            raise ClaimLostError(
+                f"idempotency key {key!r} was taken over by another run while this one waited "
+                "to send; nothing was sent"
+            )
+
+    async def unsent(error: NanoPhotoError) -> None:
+        renewed = datetime.now(UTC) + timedelta(seconds=claim_ttl())
+        await store.update(key, ours("sending"), {"state": "queued", "claimed_until": renewed})
 
     try:
         async with open_client() as client:
-            status = await client.submit(request, before_send=sending)
+            status = await client.submit(request, before_send=sending, after_unsent=unsent)
+    except ClaimLostError:
+        raise
     except NanoPhotoError as error:
         if not error.may_have_started:  # refused for sure: nothing was charged
-            await store.write(written.model_copy(update={"state": "refused", "note": error.code}))
+            await store.update(
+                key, ours("queued", "sending"), {"state": "refused", "note": error.code}
+            )
         else:
             logger.error(
                 "the submit of idempotency key %s may have reached NanoPhoto (%s): it is "
                 "listed as an unknown outcome in the submissions ledger (sora2 submissions "
                 "list); resolve it with the task id from your NanoPhoto account, or release it",
-                record.key,
+                key,
                 error.code,
             )
         raise
@@ -124,16 +140,20 @@ async def submit_video(record: SubmissionRecord, request: VideoRequest) -> Video
         request.aspect_ratio.value,
         request.cost,
     )
-    try:
-        await store.write(
-            written.model_copy(update={"state": "submitted", "task_id": status.task_id})
-        )
-    except NanoPhotoError as error:  # paid: watch it anyway; the log names the task
-        logger.error("%s; watching %s anyway", error, status.task_id)
+    change = {"state": "submitted", "task_id": status.task_id}
+    for attempt in range(3):  # a paid task id must land in the record if it can
+        try:
+            await store.update(key, ours("sending"), change)
+            break
+        except NanoPhotoError as error:
+            if attempt == 2:  # paid: watch it anyway; the log names the task
+                logger.error("%s; watching %s anyway", error, status.task_id)
+            else:
+                await asyncio.sleep(0.5 * 2**attempt)
     return status
 
 
-@task(name="check-video-status", cache_policy=NO_CACHE)
+@task(name="check-video-status", cache_policy=NO_CACHE, retries=0)
 async def check_video_status(task_id: str) -> VideoStatus:
     """Ask NanoPhoto how a video task is doing.
 
@@ -149,7 +169,7 @@ async def check_video_status(task_id: str) -> VideoStatus:
     return status
 
 
-@task(name="download-video", cache_policy=NO_CACHE)
+@task(name="download-video", cache_policy=NO_CACHE, retries=0)
 async def download_video(task_id: str, video_url: str, output_dir: str) -> DownloadedVideo:
     """Save a finished video, named by its task id, before its URL expires; once only.
 

@@ -1,10 +1,11 @@
-"""Exactly once under concurrency, crashes and reruns.
+"""Exactly once under crashes and reruns, one case at a time.
 
-Two runs with one key at the same moment, in one process and in two; a run
-killed with SIGKILL while queued for a rate-limit slot, while its submit is on
-the wire, and while watching; reruns of a delivered batch, reordered; and the
-ways out of an unknown outcome (resolve, release, the resubmit policy).
-Every claim is read from the simulator's ledger.
+A run killed with SIGKILL while queued for a rate-limit slot, while its
+submit is on the wire, and while watching; reruns of a delivered batch,
+reordered; the ways out of an unknown outcome (resolve, release, the
+resubmit policy); a batch's spend against the ledger. Every claim is read
+from the simulator's ledger. ``test_concurrency_soak.py`` does all of it at
+once, with two runs per key, under faults.
 """
 
 from __future__ import annotations
@@ -18,18 +19,24 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect import flow
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
 from flows.batch import BatchItem, batch_of_videos
+from flows.pipeline import SubmittedVideo, Watching, finish_and_record
 from flows.submissions import submissions
 from flows.video import prompt_to_video
+from nanophoto.errors import GenerationFailedError
+from nanophoto.models import VideoRequest, VideoResult, VideoStatus, fingerprint
 from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import Simulator
-from tasks.submissions import SubmissionStore
+from tasks.submissions import ClaimLostError, SubmissionRecord, SubmissionStore, record_path
+from tasks.video import submit_video
 from tests.helpers import MakeSimulator, exception_text, use_simulator
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -48,38 +55,8 @@ def submits_per_prompt(simulator: Simulator) -> dict[str, int]:
     return counts
 
 
-# --- one key, two runs, one moment ---------------------------------------------------------
-
-
-async def test_two_runs_with_one_key_at_the_same_moment_pay_once_and_share_the_video(
-    api: Simulator, tmp_path: Path
-) -> None:
-    keys = [fresh(f"twin-{n}") for n in range(6)]
-
-    async def twice(n: int, key: str) -> list[Any]:
-        prompt = f"twin {n}: a heron lifting off a pond"
-        return list(
-            await asyncio.gather(
-                *(
-                    prompt_to_video(
-                        prompt=prompt,
-                        output_dir=str(tmp_path),
-                        idempotency_key=key,
-                        return_state=True,
-                    )
-                    for _ in range(2)
-                )
-            )
-        )
-
-    pairs = await asyncio.gather(*(twice(n, key) for n, key in enumerate(keys)))
-    counts = submits_per_prompt(api)
-    assert all(count == 1 for count in counts.values()), counts
-    assert len(counts) == len(keys)
-    for first, second in pairs:
-        assert first.is_completed(), await exception_text(first)
-        assert second.is_completed(), await exception_text(second)
-        assert (await first.aresult()).task_id == (await second.aresult()).task_id
+# Two runs with one key at one moment, in one process and in two, are the concurrency
+# soak's first two parts (test_concurrency_soak.py), under faults.
 
 
 def runner_env() -> dict[str, str]:
@@ -122,34 +99,6 @@ def spawn(
 def lines_of(process: subprocess.Popen[str], timeout: float) -> list[dict[str, Any]]:
     out, _ = process.communicate(timeout=timeout)
     return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-async def test_two_processes_with_the_same_keys_pay_once_per_key(
-    api: Simulator, tmp_path: Path, processes: list[subprocess.Popen[str]]
-) -> None:
-    keys = [fresh(f"pair-{n}") for n in range(8)]
-    runs = [
-        {
-            "prompt": f"pair {n}: lanterns on a river",
-            "idempotency_key": key,
-            "output_dir": str(tmp_path),
-        }
-        for n, key in enumerate(keys)
-    ]
-    # The same order in both: each key is started by both processes at about one moment.
-    a = spawn({"runs": runs, "concurrency": 2}, processes)
-    b = spawn({"runs": runs, "concurrency": 2}, processes)
-    ended = lines_of(a, 240) + lines_of(b, 240)
-    counts = submits_per_prompt(api)
-    assert len(counts) == len(keys), counts
-    assert set(counts.values()) == {1}, counts
-    finished = [line for line in ended if "ready" not in line]
-    assert len(finished) == 2 * len(keys)
-    assert all(line["state"] == "COMPLETED" for line in finished), finished
-    by_key: dict[str, set[str]] = {}
-    for line in finished:
-        by_key.setdefault(line["key"], set()).add(line["task_id"])
-    assert all(len(task_ids) == 1 for task_ids in by_key.values())
 
 
 # --- killed at each step ------------------------------------------------------------------
@@ -328,3 +277,103 @@ async def test_a_batchs_spend_is_what_the_ledger_charged(api: Simulator, tmp_pat
     assert summary.credits_used <= net <= summary.credits_used + summary.credits_at_risk
     # Here every credit at risk was in fact kept: a lost submit answer, a lost prompt.
     assert net == summary.credits_used + summary.credits_at_risk
+
+
+# --- claims: a lease on the key while a run prepares and sends its submit -----------------
+
+
+async def claimed_record(key: str, prompt: str, *, alive: bool) -> SubmissionRecord:
+    """Another run's claim on ``key``: alive (it renews it), or run out (that run stopped)."""
+    store = await SubmissionStore.default()
+    request = VideoRequest(prompt=prompt)
+    until = datetime.now(UTC) + timedelta(seconds=300 if alive else -1)
+    record = store.new(key, "queued", fingerprint(request), request).model_copy(
+        update={"claim": "another-run:token", "claimed_until": until, "flow_run_id": "other-run"}
+    )
+    return await store.write(record)
+
+
+async def test_a_claim_that_ran_out_is_taken_over_and_submitted_once(
+    api: Simulator, tmp_path: Path
+) -> None:
+    key = fresh("expired")
+    await claimed_record(key, "expired: a fox", alive=False)
+    result = await prompt_to_video(
+        prompt="expired: a fox", output_dir=str(tmp_path), idempotency_key=key
+    )
+    assert Path(str(result.video_path)).is_file()
+    assert submits_per_prompt(api) == {"expired: a fox": 1}
+
+
+async def test_a_live_claim_of_another_run_is_waited_for_then_named(
+    api: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = fresh("alive")
+    await claimed_record(key, "alive: a fox", alive=True)
+    monkeypatch.setenv("SORA2_KEY_WAIT", "1")
+    state = await prompt_to_video(prompt="alive: a fox", idempotency_key=key, return_state=True)
+    message = await exception_text(state)
+    assert "IDEMPOTENCY_KEY_IN_USE" in message
+    assert "other-run" in message
+    assert api.snapshot()["total_requests"] == 0
+
+
+async def test_a_claim_taken_over_meanwhile_is_never_sent(api: Simulator) -> None:
+    """A run whose lease ran out while it waited (a lock server's time-out, a pause) and
+    whose key another run claimed: at the last moment before sending, it stops."""
+    key = fresh("lost")
+    mine = await claimed_record(key, "lost: a fox", alive=True)
+    mine = mine.model_copy(update={"claim": "this-run:token"})
+    await claimed_record(key, "lost: a fox", alive=True)  # another run claimed it since
+    with pytest.raises(ClaimLostError):
+        await submit_video(mine, VideoRequest(prompt="lost: a fox"))
+    assert api.snapshot()["submit_requests"] == {}
+
+
+async def test_a_late_watcher_never_records_over_a_newer_attempt(api: Simulator) -> None:
+    key = fresh("late")
+    store = await SubmissionStore.default()
+    request = VideoRequest(prompt="late: a fox")
+    first = store.new(key, "submitted", fingerprint(request), request).model_copy(
+        update={"task_id": "task_first"}
+    )
+    newer = await store.write(first.model_copy(update={"attempts": 2, "task_id": "task_newer"}))
+    failed = SubmittedVideo(
+        status=VideoStatus(task_id="task_first", status="failed"), submitted_at=time.monotonic()
+    )
+    how = Watching(WatchSchedule(), output_dir="", artifacts=False)
+    with pytest.raises(GenerationFailedError):
+        await _finish_in_a_flow(store, first, failed, how)
+    kept = await store.read(key)
+    assert kept is not None
+    assert (kept.attempts, kept.task_id, kept.state) == (newer.attempts, "task_newer", "submitted")
+
+
+@flow
+async def _finish_in_a_flow(
+    store: SubmissionStore, record: SubmissionRecord, video: SubmittedVideo, how: Watching
+) -> VideoResult:
+    return await finish_and_record(store, record, video, how)
+
+
+async def test_a_batch_run_by_an_earlier_version_is_found_under_its_old_keys(
+    api: Simulator, tmp_path: Path
+) -> None:
+    """Positional keys (``<batch key>:<n>``), from before keys were fingerprints: a rerun
+    with the items reordered still finds each item's video and pays nothing."""
+    batch_key = fresh("legacy")
+    items = [BatchItem(prompt=f"Legacy {i}: a kite over dunes") for i in range(3)]
+    first = await batch_of_videos(items=items, output_dir=str(tmp_path), batch_key=batch_key)
+    store = await SubmissionStore.default()
+    for outcome in first.items:  # move each record to where an earlier version kept it
+        record = await store.read(outcome.key)
+        assert record is not None
+        await store.write(record.model_copy(update={"key": f"{batch_key}:{outcome.index}"}))
+        (store.files.root / record_path(outcome.key)).unlink()  # type: ignore[attr-defined]
+    requests = api.snapshot()["total_requests"]
+    again = await batch_of_videos(
+        items=list(reversed(items)), credit_budget=0, output_dir=str(tmp_path), batch_key=batch_key
+    )
+    assert again.delivered == 3
+    assert api.snapshot()["total_requests"] == requests
+    assert {o.task_id for o in again.items} == {o.task_id for o in first.items}

@@ -100,3 +100,33 @@ async def test_a_waiter_gives_up_after_its_bound(tmp_path: Path) -> None:
         async with key_lock(locks, "k", "waiter", wait=0.5, hold=60):
             pytest.fail("the key was held by another")
     assert time.monotonic() - started >= 0.5
+
+
+class SlowLocks(FileLockManager):
+    """A lock manager whose every attempt takes a while (a busy thread pool, a Redis trip)."""
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        time.sleep(0.2)
+        return super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+
+async def test_a_run_cancelled_while_taking_the_lock_leaves_it_free(tmp_path: Path) -> None:
+    locks = SlowLocks(tmp_path)
+
+    async def holder() -> None:
+        async with key_lock(locks, "k", "cancelled", wait=5, hold=60):
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(holder())
+    await asyncio.sleep(0.05)  # its attempt is running in a thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with key_lock(locks, "k", "next", wait=5, hold=60):
+        assert locks.is_lock_holder("k", "next")

@@ -84,6 +84,29 @@ def build_parser(prog: str = "python -m nanophoto_simulator") -> argparse.Argume
     )
     parser.add_argument("--seed", type=int, default=None, help="replayable randomness")
     parser.add_argument(
+        "--edge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refuse, as NanoPhoto's CDN edge may, requests without a browser-like "
+        "User-Agent or an Origin, with a 403 HTML page (default: on)",
+    )
+    parser.add_argument(
+        "--failed-http-status",
+        type=int,
+        choices=[200, 500],
+        default=_DEFAULTS.failed_http_status,
+        help="the HTTP status of a failed video's status answer; the contract allows "
+        "both (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--video-url-delay",
+        type=float,
+        default=_DEFAULTS.video_url_delay_seconds,
+        metavar="SECONDS",
+        help="how long a finished video's URL answers 404, as a CDN not caught up "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--fault",
         type=_fault,
         action="append",
@@ -127,16 +150,23 @@ async def _serve(config: SimulatorConfig, args: argparse.Namespace) -> None:
     await simulator.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start the simulator and serve until interrupted."""
-    args = parse_args(argv)
-    config = SimulatorConfig(
+def config_from(args: argparse.Namespace) -> SimulatorConfig:
+    """The simulator's configuration from its command-line options."""
+    return SimulatorConfig(
         keys=dict(args.key) or {DEFAULT_KEY: DEFAULT_CREDITS},
         time_scale=args.time_scale,
         generation_seconds=tuple(args.generation_seconds),
         rate_limit=args.rate_limit,
         seed=args.seed,
+        edge=args.edge,
+        failed_http_status=args.failed_http_status,
+        video_url_delay_seconds=args.video_url_delay,
         faults=Faults(**dict(args.fault)),
     )
-    asyncio.run(_serve(config, args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the simulator and serve until interrupted."""
+    args = parse_args(argv)
+    asyncio.run(_serve(config_from(args), args))
     return 0

@@ -116,11 +116,23 @@ class SimulatorConfig(BaseModel):
     failed_http_status: int = Field(
         200, description="HTTP status of a failed status check (the contract allows 200 or 500)."
     )
+    edge: bool = Field(
+        False,
+        description="Act as NanoPhoto's CDN edge may: refuse a request without a browser-like "
+        "User-Agent or without an Origin header with a 403 HTML challenge page.",
+    )
+    video_url_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="How long a finished video's URL answers 404 (a CDN not caught up yet).",
+    )
     seed: int | None = Field(None, description="Seed for reproducible randomness.")
     faults: Faults = Field(default_factory=Faults)
 
     @model_validator(mode="after")
     def _ordered_range(self) -> SimulatorConfig:
+        if self.failed_http_status not in (200, 500):
+            raise ValueError("failed_http_status: the contract allows 200 or 500")
         low, high = self.generation_seconds
         if not 0 <= low <= high:
             raise ValueError("generation_seconds must be (low, high) with 0 <= low <= high")

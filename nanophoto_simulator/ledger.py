@@ -79,6 +79,11 @@ class Ledger:
     # became of it; per topic: the prompt credits kept (charged minus refunded).
     submit_requests: Counter[str] = field(default_factory=Counter)
     prompt_charges: Counter[str] = field(default_factory=Counter)
+    # The headers each API request came with (User-Agent, Origin, Referer, Accept), and
+    # how many the edge refused.
+    headers: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    edge_refused: int = 0
+    replayed_answers: int = 0  # answers queued with queue_answer, given instead of the service's
     media_downloads: int = 0
     media_requests_with_authorization: int = 0
 
@@ -107,6 +112,12 @@ class Ledger:
             "faults": dict(self.faults),
             "submit_requests": dict(self.submit_requests),
             "prompt_charges": dict(self.prompt_charges),
+            "headers": [
+                {"user_agent": ua, "origin": o, "referer": r, "accept": a, "count": n}
+                for (ua, o, r, a), n in sorted(self.headers.items())
+            ],
+            "edge_refused": self.edge_refused,
+            "replayed_answers": self.replayed_answers,
             "tasks": [task.as_dict(origin, time_scale) for task in self.tasks.values()],
             "media": {
                 "downloads": self.media_downloads,

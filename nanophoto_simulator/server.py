@@ -147,6 +147,7 @@ class Simulator:
         self._lock = threading.Lock()
         self._windows: dict[str, deque[float]] = defaultdict(deque)
         self._queued: dict[str, deque[Fault]] = defaultdict(deque)
+        self._answers: dict[str, deque[Reply]] = defaultdict(deque)
         self._videos = {ratio.value: _load_video(ratio.value) for ratio in AspectRatio}
         self._servers: list[asyncio.Server] = []
         self._writers: set[asyncio.StreamWriter] = set()
@@ -203,6 +204,30 @@ class Simulator:
             faults.append(Fault(kind))
         with self._lock:
             self._queued[endpoint].extend(faults)
+
+    def queue_answer(
+        self,
+        endpoint: str,
+        status: int,
+        document: dict[str, Any] | str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer the next authorised request to ``endpoint`` with this, once.
+
+        For replaying an answer seen in the field that the contract does not
+        describe (a ``completed`` without a ``videoUrl``, a 401 mid-watch, a
+        long ``Retry-After``). The request counts against the key's rate
+        limit, and the service does nothing else with it: nothing is charged.
+        """
+        if endpoint not in FAULTS_BY_ENDPOINT:
+            raise ValueError(f"endpoint must be one of {sorted(FAULTS_BY_ENDPOINT)}")
+        if isinstance(document, str):
+            reply = Reply(status=status, body=document.encode(), content_type="text/html")
+        else:
+            reply = _json(status, document)
+        reply.headers.update(headers or {})
+        with self._lock:
+            self._answers[endpoint].append(reply)
 
     def set_faults(self, faults: Faults) -> None:
         """Switch the random faults (probabilities per request)."""
@@ -284,7 +309,18 @@ class Simulator:
         if endpoint is None or request.method != "POST":
             return _json(404, {"success": False, "error": "Not found"})
         key = _bearer(request.headers)
+        headers = request.headers
         with self._lock:
+            seen = (
+                headers.get("user-agent", ""),
+                headers.get("origin", ""),
+                headers.get("referer", ""),
+                headers.get("accept", ""),
+            )
+            self.ledger.headers[seen] += 1
+            if self.config.edge and not _looks_like_a_browser(headers):
+                self.ledger.edge_refused += 1
+                return _challenge_page()  # the CDN's: the API never sees the request
             # Unknown tokens are never stored: they may be someone's real key.
             known = key if key in self.balances else ("<none>" if key is None else "<invalid>")
             self.ledger.requests[(known, endpoint)] += 1
@@ -310,6 +346,9 @@ class Simulator:
                 )
             if fault == Fault.INTERNAL_ERROR:
                 return _error(500, "INTERNAL_ERROR", "Internal server error")
+            if self._answers[endpoint]:
+                self.ledger.replayed_answers += 1
+                return self._answers[endpoint].popleft()
             try:
                 body = json.loads(request.body or b"{}")
             except ValueError:
@@ -563,6 +602,15 @@ class Simulator:
             if request.path == "/_simulator/queue" and request.method == "POST":
                 self.queue_fault(str(body.get("endpoint")), *body.get("faults", []))
                 return _json(200, {"queued": body.get("faults", [])})
+            if request.path == "/_simulator/answer" and request.method == "POST":
+                document = body.get("document", {})
+                self.queue_answer(
+                    str(body.get("endpoint")),
+                    int(body.get("status", 200)),
+                    document if isinstance(document, (dict, str)) else {},
+                    {str(k): str(v) for k, v in dict(body.get("headers") or {}).items()},
+                )
+                return _json(200, {"queued": 1})
         except ValueError as error:
             return _json(400, {"error": str(error)})
         return _json(404, {"error": "unknown control path"})
@@ -581,11 +629,34 @@ class Simulator:
             expired = task is not None and now > task.ready_at + self.config.real(
                 self.config.video_url_ttl_seconds
             )
-            if request.method != "GET" or task is None or task.final_status != COMPLETED or expired:
+            not_yet = task is not None and now < task.ready_at + self.config.real(
+                self.config.video_url_delay_seconds
+            )
+            if (
+                request.method != "GET"
+                or task is None
+                or task.final_status != COMPLETED
+                or expired
+                or not_yet
+            ):
                 return Reply(status=404, body=b"Not Found", content_type="text/plain")
             self.ledger.media_downloads += 1
             video = _with_task_id(self._videos[task.aspect_ratio], task.task_id)
         return Reply(body=video, content_type="video/mp4")
+
+
+def _looks_like_a_browser(headers: dict[str, str]) -> bool:
+    """What an edge that screens bots may ask: a browser's User-Agent, and an Origin."""
+    return "Mozilla/" in headers.get("user-agent", "") and bool(headers.get("origin"))
+
+
+def _challenge_page() -> Reply:
+    page = (
+        "<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>"
+        "<h1>Checking your browser before accessing nanophoto.ai</h1>"
+        "<p>Enable JavaScript and cookies to continue.</p></body></html>"
+    )
+    return Reply(status=403, body=page.encode(), content_type="text/html; charset=UTF-8")
 
 
 def _head(body: bytes, field: str) -> str:
@@ -659,6 +730,7 @@ def _reason(status: int) -> str:
         400: "Bad Request",
         401: "Unauthorized",
         402: "Payment Required",
+        403: "Forbidden",
         404: "Not Found",
         429: "Too Many Requests",
         500: "Internal Server Error",

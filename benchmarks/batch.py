@@ -116,6 +116,8 @@ def _prefect_env(base_url: str, time_scale: float, rate_limit: int) -> None:
             "NANOPHOTO_RATE_LIMIT": str(rate_limit),
             # The schedule and the rate window are in NanoPhoto's seconds: this scales both.
             "NANOPHOTO_TIME_SCALE": str(time_scale),
+            # The videos go to temporary folders: the worker's output folder holds them.
+            "SORA2_OUTPUT_ROOT": tempfile.gettempdir(),
         }
     )
     os.environ.pop("PREFECT_API_URL", None)

@@ -16,12 +16,20 @@ from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from nanophoto.contract import FAILED, PROMPT_PATH, STATUS_PATH, SUBMIT_PATH
+from nanophoto.contract import (
+    ACCEPT,
+    FAILED,
+    ORIGIN,
+    PROMPT_PATH,
+    REFERER,
+    STATUS_PATH,
+    SUBMIT_PATH,
+)
 from nanophoto.errors import (
     ConfigurationError,
     ConnectError,
@@ -39,13 +47,17 @@ from nanophoto.errors import (
 from nanophoto.models import GeneratedPrompt, PromptRequest, VideoRequest, VideoStatus
 from nanophoto.ratelimit import Priority, RequestLimiter
 from nanophoto.retry import RetryPolicy
-from nanophoto.settings import NanoPhotoSettings, resolve_api_key
+from nanophoto.settings import PROMPT_SKILL, VIDEO_SKILL, NanoPhotoSettings, resolve_api_key
 from nanophoto.storage import VideoStore
 
 _logger = logging.getLogger("nanophoto")
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
+# A finished video's URL answering 404 (a CDN not caught up yet): asked for again this many
+# times, after 5, 10, 20, 40 of NanoPhoto's seconds.
+VIDEO_URL_RETRIES = 4
+VIDEO_URL_BACKOFF_S = 5.0
 
 
 class _BearerAuth(httpx.Auth):
@@ -91,12 +103,15 @@ class NanoPhotoClient:
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         extra_key_sources: tuple[tuple[str, SecretStr | None], ...] = (),
         limiter: RequestLimiter | None = None,
+        skills: tuple[str, ...] = (VIDEO_SKILL, PROMPT_SKILL),
     ) -> None:
         self.settings = settings or NanoPhotoSettings()
         # Every attempt at an API endpoint takes a slot; None: no throttling.
         self.limiter = limiter
         self._logger = logger or _logger
-        key = resolve_api_key(api_key, settings=self.settings, extra_sources=extra_key_sources)
+        key = resolve_api_key(
+            api_key, settings=self.settings, extra_sources=extra_key_sources, skills=skills
+        )
         base_url = httpx.URL(self.settings.base_url.rstrip("/"))
         self.retry = retry or RetryPolicy(
             max_retries=self.settings.max_retries,
@@ -117,10 +132,21 @@ class NanoPhotoClient:
             auth=_BearerAuth(key, base_url),
             transport=transport,
             timeout=timeout,
-            headers={"User-Agent": "sora2-flows"},
+            # As NanoPhoto's published tools send them: its edge may refuse other clients.
+            headers={
+                "User-Agent": self.settings.user_agent,
+                "Accept": ACCEPT,
+                "Origin": ORIGIN,
+                "Referer": REFERER,
+            },
         )
         # Videos live on another host: no key there, and redirects are followed.
-        self._media = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=True)
+        self._media = httpx.AsyncClient(
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=True,
+            headers={"User-Agent": self.settings.user_agent},
+        )
 
     def __repr__(self) -> str:
         return f"NanoPhotoClient(base_url={self.settings.base_url!r})"
@@ -189,16 +215,27 @@ class NanoPhotoClient:
         those. When every attempt fails, the error carries both counts.
         """
         abandoned = at_risk = 0
+        quiet_for = self.settings.call_timeout
 
         async def attempt() -> str:
             nonlocal abandoned, at_risk
             pieces: list[str] = []
+            loop = asyncio.get_running_loop()
             try:
-                async with aclosing(self.stream_prompt(request)) as stream:
-                    async for text in stream:
-                        pieces.append(text)
-                        if on_text is not None:
-                            on_text(text)
+                # A stream still sending text is never abandoned for being long: the
+                # call's time limit runs from its last piece of text, not from its start.
+                try:
+                    async with asyncio.timeout(quiet_for) as idle:
+                        async with aclosing(self.stream_prompt(request)) as stream:
+                            async for text in stream:
+                                idle.reschedule(loop.time() + quiet_for)
+                                pieces.append(text)
+                                if on_text is not None:
+                                    on_text(text)
+                except TimeoutError:
+                    raise RequestTimeoutError(
+                        f"the prompt stream sent nothing for {quiet_for:g} s"
+                    ) from None
             except NanoPhotoError as error:
                 if pieces:
                     abandoned += isinstance(error, RequestTimeoutError)
@@ -213,7 +250,9 @@ class NanoPhotoClient:
                 raise ConnectionDroppedError("the prompt stream ended with no text")
             return prompt
 
-        text = await self._call("generate-prompt", attempt, retry_if=_transient)
+        text = await self._call(
+            "generate-prompt", attempt, retry_if=_transient, attempt_timeout=None
+        )
         return GeneratedPrompt(text=text, streams_charged=1 + abandoned, streams_at_risk=at_risk)
 
     async def submit(
@@ -285,6 +324,46 @@ class NanoPhotoClient:
         return await self._call(
             "check-status", attempt, retry_if=_transient_not_rate_limit, priority=Priority.CHECK
         )
+
+    async def download_finished(
+        self, task_id: str, url: str, destination: Path | str | VideoStore
+    ) -> DownloadedVideo:
+        """Download a finished video; a URL that answers 404 (a CDN that has not caught
+        up) is asked for again, with a fresh status, before giving up.
+
+        Whole file or none, as ``download``. Gives up after ``VIDEO_URL_RETRIES``
+        tries, spaced 5, 10, 20, 40 of NanoPhoto's seconds, with a message that
+        says how to pick the video up later.
+        """
+        for retry in range(VIDEO_URL_RETRIES + 1):
+            try:
+                return await self.download(url, destination, task_id)
+            except VideoUnavailableError as error:
+                if retry == VIDEO_URL_RETRIES:
+                    raise VideoUnavailableError(
+                        f"video {task_id} is completed but its URL answered HTTP {error.status} "
+                        f"{retry + 1} times, with a fresh URL each time. It was paid for: pick "
+                        f"it up later, without paying again (sora2 resume --task-id {task_id}, "
+                        f"or resume-video with task_id={task_id})",
+                        status=error.status,
+                    ) from error
+                delay = VIDEO_URL_BACKOFF_S * 2**retry  # NanoPhoto's seconds
+                self._logger.warning(
+                    "the video of %s answered HTTP %s; asking for it again in %.0f s",
+                    task_id,
+                    error.status,
+                    delay,
+                )
+                await self._sleep(delay * self.settings.time_scale)
+                try:
+                    fresh = await self.check_status(task_id)
+                except NanoPhotoError as checking:
+                    if not checking.retryable:
+                        raise
+                    continue  # a 429 or gateway page: the URL we have is tried again
+                if fresh.is_completed and fresh.video_url:
+                    url = fresh.video_url
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def download(
         self, url: str, destination: Path | str | VideoStore, task_id: str | None = None
@@ -359,12 +438,14 @@ class NanoPhotoClient:
         priority: Priority | None = None,
         before_attempt: Callable[[], Awaitable[None]] | None = None,
         after_unsent: Callable[[NanoPhotoError], Awaitable[None]] | None = None,
+        attempt_timeout: float | Literal["default"] | None = "default",
     ) -> T:
         """Run ``attempt``, each within the call time limit, retrying what ``retry_if`` allows.
 
         An API call (``priority`` set) waits for a slot of the key's request
         budget before each attempt: a retry is a request too.
         """
+        limit = self.settings.call_timeout if attempt_timeout == "default" else attempt_timeout
         retry = 0
         while True:
             if priority is not None and self.limiter is not None:
@@ -373,13 +454,14 @@ class NanoPhotoClient:
                 await before_attempt()
             try:
                 try:
-                    async with asyncio.timeout(self.settings.call_timeout):
+                    async with asyncio.timeout(limit):
                         return await attempt()
                 except TimeoutError:
-                    raise RequestTimeoutError(
-                        f"{name} took longer than {self.settings.call_timeout:g} s"
-                    ) from None
+                    raise RequestTimeoutError(f"{name} took longer than {limit:g} s") from None
             except NanoPhotoError as error:
+                if isinstance(error, RateLimitError) and error.retry_after is not None:
+                    # Retry-After counts NanoPhoto's seconds; a compressed simulator's are short.
+                    error.retry_after *= self.settings.time_scale
                 if after_unsent is not None and not error.may_have_started:
                     await after_unsent(error)
                 if retry >= self.retry.max_retries or not retry_if(error):

@@ -12,6 +12,21 @@ from enum import StrEnum
 from typing import Final, Literal
 
 DEFAULT_BASE_URL: Final = "https://nanophoto.ai"
+TOP_UP_URL: Final = "https://nanophoto.ai/settings"
+
+# What NanoPhoto's published tools send on every call; its edge (a CDN) may refuse
+# clients that do not look like that, with an HTML page that never reached the API.
+DEFAULT_USER_AGENT: Final = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/133.0.0.0 Safari/537.36"
+)
+ACCEPT: Final = "application/json, text/plain, */*"
+ORIGIN: Final = "https://nanophoto.ai"
+REFERER: Final = "https://nanophoto.ai/"
+# HTTP statuses with which an edge refuses a client before the API sees the request.
+EDGE_REFUSALS: Final = frozenset({401, 403, 406})
+# The published prompt tool's --timeout (the video tool's is 60 s).
+PROMPT_TIMEOUT_S: Final = 120.0
 
 PROMPT_PATH: Final = "/api/sora-2/generate-prompt"
 SUBMIT_PATH: Final = "/api/sora-2/generate"
@@ -125,9 +140,11 @@ def tier_prices() -> str:
 RATE_LIMIT_PER_HOUR: Final = 100
 RATE_WINDOW_S: Final = 3600.0  # the limit counts requests over a sliding hour
 
-# NanoPhoto's timing advice: wait 120 s, then check every 20 s, up to 1200 s.
+# NanoPhoto's timing advice: wait 120 s, then check every 20 s, up to 1200 s; and
+# "poll every 5-10 seconds" at the most: no faster than 5 s.
 INITIAL_STATUS_DELAY_S: Final = 120.0
 STATUS_CHECK_INTERVAL_S: Final = 20.0
+MIN_STATUS_CHECK_INTERVAL_S: Final = 5.0
 MAX_WAIT_S: Final = 1200.0
 # "Roughly 120-480 s depending on queue, tier and prompt": the middle, for progress bars.
 GENERATION_RANGE_S: Final = (120.0, 480.0)

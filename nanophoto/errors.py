@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from nanophoto.contract import ERROR_SPECS
+from nanophoto.contract import EDGE_REFUSALS, ERROR_SPECS, TOP_UP_URL
 
 
 class NanoPhotoError(Exception):
@@ -145,6 +145,15 @@ class RequestTimeoutError(TransportError):
     code = "TIMEOUT"
 
 
+class EdgeBlockedError(NanoPhotoError):
+    """NanoPhoto's edge (its CDN) refused the request with an HTML page (401/403/406)
+    before it reached the API: nothing was started or charged. Not retried: the same
+    request would meet the same refusal."""
+
+    code = "EDGE_BLOCKED"
+    may_have_started = False
+
+
 class ConnectError(TransportError):
     """The connection could not be made: the request surely was not sent."""
 
@@ -167,6 +176,12 @@ class ConfigurationError(NanoPhotoError):
 
     code = "CONFIGURATION_ERROR"
     may_have_started = False
+
+
+class CompletedWithoutUrlError(NanoPhotoError):
+    """NanoPhoto says the video is completed (and charged) but gives no URL for it."""
+
+    code = "COMPLETED_WITHOUT_URL"
 
 
 class WaitTimeoutError(NanoPhotoError):
@@ -242,6 +257,14 @@ def error_from_response(
             error: NanoPhotoError = RateLimitError(
                 f"rate limited (not an API answer): {_snippet(body)}", status=status
             )
+        elif status in EDGE_REFUSALS:
+            error = EdgeBlockedError(
+                f"blocked at NanoPhoto's edge: an HTML page, not an API answer "
+                f"({_snippet(body, 60)}). Nothing was started or charged. If it lasts, check "
+                "NANOPHOTO_USER_AGENT (NanoPhoto's own tools send a desktop Chrome one; so do "
+                "we, unless it was changed) and the network between you and NanoPhoto",
+                status=status,
+            )
         else:
             error = GatewayError(f"not an API answer: {_snippet(body)}", status=status)
     else:
@@ -256,6 +279,7 @@ def error_from_response(
         if isinstance(error, InsufficientCreditsError):
             required = document.get("requiredCredits")
             error.required_credits = required if isinstance(required, int) else None
+            error.message += f". Nothing was charged: top up at {TOP_UP_URL}"
     if isinstance(error, RateLimitError):
         error.retry_after = retry_after
     return error

@@ -7,6 +7,7 @@ The key is resolved as NanoPhoto's published tools do: an explicit value, then
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Final, Self
@@ -15,7 +16,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nanophoto.contract import DEFAULT_BASE_URL, RATE_LIMIT_PER_HOUR, RATE_WINDOW_S
+from nanophoto.contract import (
+    DEFAULT_BASE_URL,
+    DEFAULT_USER_AGENT,
+    RATE_LIMIT_PER_HOUR,
+    RATE_WINDOW_S,
+)
 from nanophoto.errors import ConfigurationError, MissingAPIKeyError
 
 VIDEO_SKILL: Final = "sora-2-generate"
@@ -30,6 +36,13 @@ class NanoPhotoSettings(BaseSettings):
 
     api_key: SecretStr | None = Field(default=None, description="The NanoPhoto API key.")
     base_url: str = Field(default=DEFAULT_BASE_URL, description="The API's base URL.")
+    user_agent: str = Field(
+        default=DEFAULT_USER_AGENT,
+        min_length=1,
+        max_length=512,
+        description="The User-Agent sent to NanoPhoto; by default the desktop Chrome one "
+        "its published tools send (its edge may refuse other clients).",
+    )
     connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect.")
     read_timeout: float = Field(
         default=60.0, gt=0, description="Seconds to wait for each read of an answer."
@@ -79,6 +92,13 @@ class NanoPhotoSettings(BaseSettings):
     def _https_unless_local(cls, url: str) -> str:
         return check_base_url(url)
 
+    @field_validator("user_agent")
+    @classmethod
+    def _one_header_line(cls, value: str) -> str:
+        if not (value.isascii() and value.isprintable()):
+            raise ValueError("must be printable ASCII on one line (it is sent as a header)")
+        return value.strip()
+
     @model_validator(mode="after")
     def _window_on_our_clock(self) -> Self:
         """A compressed simulator's hour is compressed too, unless the window was set."""
@@ -91,7 +111,7 @@ def check_base_url(url: str) -> str:
     """The key travels in a header: only over https, or to this machine (loopback)."""
     parts = urlsplit(url.strip())
     host = (parts.hostname or "").lower()
-    local = host in ("localhost", "::1") or host.startswith("127.")
+    local = host == "localhost" or _is_loopback_address(host)
     if parts.scheme != "https" and not (parts.scheme == "http" and local):
         raise ValueError(
             f"must be an https URL, or http to this machine (localhost, 127.x.x.x, ::1), "
@@ -100,6 +120,14 @@ def check_base_url(url: str) -> str:
     if not host:
         raise ValueError(f"must name a host, not {url!r}")
     return url.strip()
+
+
+def _is_loopback_address(host: str) -> bool:
+    """An IP address of this machine (127.0.0.0/8, ::1); never a name such as 127.evil.com."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _present(value: str | SecretStr | None) -> SecretStr | None:

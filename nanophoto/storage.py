@@ -11,14 +11,28 @@ import hashlib
 import os
 import secrets
 from dataclasses import dataclass
-from typing import IO, Any
+from pathlib import Path
+from typing import IO, Any, Final
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 from nanophoto.models import video_filename
 
 _CHUNK = 1 << 20
+# The one folder a flow run may write videos to on the worker's disk (remote URLs
+# aside): a parameter cannot send them to ../../etc. Default: videos/ in the working
+# directory, which is the project on a deployment's worker (prefect.yaml's pull step).
+OUTPUT_ROOT_VARIABLE: Final = "SORA2_OUTPUT_ROOT"
+DEFAULT_OUTPUT_ROOT: Final = Path("videos")
+# fsspec's names for this machine's own disk: such a location is confined to the root.
+LOCAL_PROTOCOLS: Final = frozenset({"file", "local"})
+# Stores on other machines (or in memory) that a video may be written to as given.
+# Not fsspec's wrappers (simplecache://, dir://, zip://, …): they can write to this disk.
+REMOTE_PROTOCOLS: Final = frozenset(
+    {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "hdfs", "webhdfs"}
+    | {"sftp", "ssh", "ftp", "smb", "oci", "dbfs", "hf"}
+)
 
 
 @dataclass(frozen=True)
@@ -103,3 +117,37 @@ class VideoStore:
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def output_root() -> Path:
+    """The worker's output folder: ``$SORA2_OUTPUT_ROOT``, else ``./videos``."""
+    return Path(os.environ.get(OUTPUT_ROOT_VARIABLE) or DEFAULT_OUTPUT_ROOT)
+
+
+def confined(location: str, root: Path) -> str:
+    """Where ``location`` may be written: a local path inside ``root``, or a remote URL.
+
+    A relative path is taken inside ``root``; neither ``..`` nor a symlink nor
+    an absolute path leads out of it. A URL with a remote fsspec scheme
+    (``s3://``, ``gcs://``, ``memory://``) is kept as given; an unknown scheme
+    or a chained URL is refused. Empty stays empty (no download).
+
+    Raises:
+        ValueError: ``location`` would be written outside ``root``, or cannot be.
+    """
+    text = location.strip()
+    if not text:
+        return ""
+    if "::" in text:
+        raise ValueError("a chained fsspec URL (with ::) is not accepted; name one folder or URL")
+    protocol, path = split_protocol(text)
+    if protocol is not None and protocol not in LOCAL_PROTOCOLS:
+        if protocol not in REMOTE_PROTOCOLS:
+            known = ", ".join(f"{name}://" for name in sorted(REMOTE_PROTOCOLS))
+            raise ValueError(f"{protocol}:// is not a remote store; use a folder or one of {known}")
+        return text
+    base = root.expanduser().resolve()
+    target = (base / path).resolve()  # an absolute path replaces base, then must lie inside it
+    if not target.is_relative_to(base):
+        raise ValueError(f"{location!r} is outside the output folder {base}; name one inside it")
+    return str(target)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import enum
 import math
+import os
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from nanophoto.models import PromptRequest, VideoRequest
+from nanophoto.models import PromptOptions, PromptRequest, VideoOptions, VideoRequest
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import ResumeSchedule, WatchSchedule
 
@@ -37,10 +38,15 @@ _CLIENT_FLAGS: Final = {
     "read_timeout": "--timeout",
     "connect_timeout": "--timeout",
     "write_timeout": "--timeout",
+    "user_agent": "--user-agent",
 }
 
-VIDEO_FIELDS: Final = ("mode", "model_tier", "aspect_ratio", "duration", "image_urls")
-PROMPT_FIELDS: Final = ("topic", "technique", "duration", "locale", "prompt_model")
+# The flags come from the option models: a new option field is a new flag of every
+# command that takes it, with no edit here.
+VIDEO_FIELDS: Final = tuple(VideoOptions.model_fields)
+PROMPT_FIELDS: Final = ("topic", *PromptOptions.model_fields)
+# The video options the prompt endpoint takes too (PromptRequest.to_wire).
+PROMPT_VIDEO_FIELDS: Final = ("mode", "duration", "image_urls")
 
 
 class UsageError(Exception):
@@ -110,8 +116,10 @@ def add_timing_flags(parser: argparse.ArgumentParser, *, from_now: bool = False)
         )
 
 
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    """The key and the HTTP time-out."""
+def add_client_flags(parser: argparse.ArgumentParser, *, read_timeout: float | None = None) -> None:
+    """The key, the HTTP time-out and the User-Agent. A flag wins only when given: else
+    the ``NANOPHOTO_*`` setting, else the published tool's default."""
+    default = read_timeout or NanoPhotoSettings.model_fields["read_timeout"].default
     parser.add_argument(
         "--api-key",
         help="NanoPhoto API key (default: NANOPHOTO_API_KEY, then ~/.openclaw/openclaw.json)",
@@ -119,9 +127,16 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=finite_seconds,
-        default=NanoPhotoSettings.model_fields["read_timeout"].default,
-        help="HTTP timeout in seconds (default: %(default)g)",
+        default=None,
+        help=f"HTTP timeout in seconds (default: NANOPHOTO_READ_TIMEOUT, else {default:g})",
     )
+    parser.add_argument(
+        "--user-agent",
+        default=None,
+        help="the User-Agent sent to NanoPhoto (default: NANOPHOTO_USER_AGENT, else the "
+        "desktop Chrome one NanoPhoto's published tools send)",
+    )
+    parser.set_defaults(read_timeout_default=read_timeout)
 
 
 def validated(command: str, build: Callable[[], T]) -> T:
@@ -142,14 +157,18 @@ def pick(model: type[BaseModel], args: argparse.Namespace, **more: Any) -> dict[
 
 
 def settings_from(args: argparse.Namespace) -> NanoPhotoSettings:
-    """Client settings, with the ``--timeout`` flag."""
-    timeout = args.timeout
-    return validated(
-        args.command,
-        lambda: NanoPhotoSettings(
+    """Client settings from the environment, with the flags that were given on top."""
+    given: dict[str, Any] = {}
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None:
+        given.update(
             read_timeout=timeout, connect_timeout=min(timeout, 10.0), write_timeout=timeout
-        ),
-    )
+        )
+    elif getattr(args, "read_timeout_default", None) and "NANOPHOTO_READ_TIMEOUT" not in os.environ:
+        given["read_timeout"] = args.read_timeout_default
+    if getattr(args, "user_agent", None) is not None:
+        given["user_agent"] = args.user_agent
+    return validated(args.command, lambda: NanoPhotoSettings(**given))
 
 
 def schedule_from(args: argparse.Namespace) -> WatchSchedule:

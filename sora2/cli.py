@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
-from nanophoto.contract import PROMPT_COST
+from nanophoto.contract import PROMPT_COST, PROMPT_TIMEOUT_S
 from nanophoto.errors import NanoPhotoError
 from nanophoto_simulator.config import (
     DEFAULT_CREDITS,
@@ -36,6 +36,7 @@ from nanophoto_simulator.config import (
 from sora2 import commands
 from sora2.arguments import (
     PROMPT_FIELDS,
+    PROMPT_VIDEO_FIELDS,
     VIDEO_FIELDS,
     UsageError,
     add_client_flags,
@@ -94,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         commands.status,
         help="check a video task (and --follow it to the end)",
-        description="Ask NanoPhoto how a video task is doing. Exit 1 if it failed. With "
-        "--follow, keep checking it (from now: first check at once) until it ends.",
+        description="Ask NanoPhoto how a video task is doing, and print its document: exit "
+        "0 whatever the task's state (as the published tool: it reports, it does not "
+        "judge). With --follow, keep checking it (from now: first check at once) until it "
+        "ends: then exit 1 if it failed.",
         epilog="Example:\n  sora2 status --task-id task_abc123\n"
         "  sora2 status --task-id task_abc123 --follow",
     )
@@ -129,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example:\n  sora2 prompt --topic 'A lighthouse in a storm' --technique "
         "slow-motion --locale fr",
     )
-    add_option_flags(prompt, "prompt", (*PROMPT_FIELDS, "mode", "image_urls"))
+    add_option_flags(prompt, "prompt", (*PROMPT_FIELDS, *PROMPT_VIDEO_FIELDS))
     prompt.add_argument(
         "--json", action="store_true", help="print one JSON document at the end instead"
     )
-    add_client_flags(prompt)
+    add_client_flags(prompt, read_timeout=PROMPT_TIMEOUT_S)
 
     video = command(
         "video",
@@ -143,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Uses PREFECT_API_URL if set, else Prefect's embedded server.",
         epilog="Example:\n  sora2 video --topic 'A red fox at dawn' --output-dir videos",
     )
-    add_option_flags(
-        video, "video", (*PROMPT_FIELDS, "mode", "model_tier", "aspect_ratio", "image_urls")
-    )
+    add_option_flags(video, "video", (*PROMPT_FIELDS, *VIDEO_FIELDS))
     add_timing_flags(video)
     video.add_argument("--output-dir", default="videos", help="where to save the video")
 
@@ -192,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sandbox.add_argument(
         "--fault", action="append", default=[], help="NAME=PROBABILITY, e.g. gateway_error=0.1"
+    )
+    sandbox.add_argument(
+        "--edge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refuse requests without a browser-like User-Agent or an Origin, as NanoPhoto's "
+        "edge may (default: on)",
     )
     return parser
 

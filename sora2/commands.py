@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from nanophoto.contract import PROCESSING
 from nanophoto.errors import NanoPhotoError
 from nanophoto.models import VideoRequest, VideoStatus, video_filename
 from nanophoto.ratelimit import RequestLimiter
-from nanophoto.settings import NanoPhotoSettings
+from nanophoto.settings import PROMPT_SKILL, VIDEO_SKILL, NanoPhotoSettings
 from nanophoto.watch import WatchSchedule
 from sora2.arguments import (
     UsageError,
@@ -32,16 +33,23 @@ from sora2.output import Session
 from sora2.watching import EXIT_FAILED, EXIT_OK, follow, watch_to_end
 
 
-def _client(args: argparse.Namespace, settings: NanoPhotoSettings) -> NanoPhotoClient:
+def _client(
+    args: argparse.Namespace,
+    settings: NanoPhotoSettings,
+    skills: tuple[str, ...] = (VIDEO_SKILL, PROMPT_SKILL),
+) -> NanoPhotoClient:
     """A client held to the key's request budget by an in-process limiter.
 
     The command line has no Prefect server to share the budget through, so
-    each command keeps its own requests under the key's limit.
+    each command keeps its own requests under the key's limit. ``skills`` is
+    the order the OpenClaw file's entries are read in: each command reads
+    first where its published counterpart does.
     """
     return NanoPhotoClient(
         args.api_key,
         settings=settings,
         limiter=RequestLimiter(settings.rate_limit, settings.rate_window),
+        skills=skills,
     )
 
 
@@ -108,7 +116,7 @@ def status(args: argparse.Namespace, session: Session) -> int:
                 session.note(f"status check failed: {error}")
                 return EXIT_FAILED
         session.out.document("status", answer.raw)
-        return EXIT_FAILED if answer.is_failed else EXIT_OK
+        return EXIT_OK  # the document is the answer: a failed task is reported, not judged
 
     return asyncio.run(run())
 
@@ -131,7 +139,9 @@ def resume(args: argparse.Namespace, session: Session) -> int:
             if final is None or not final.is_completed or final.video_url is None:
                 return EXIT_FAILED
             try:
-                video = await client.download(final.video_url, Path(args.output_dir) / filename)
+                video = await client.download_finished(
+                    task_id, final.video_url, Path(args.output_dir) / filename
+                )
             except NanoPhotoError as error:
                 session.note(f"download failed: {error}")
                 return EXIT_FAILED
@@ -175,7 +185,7 @@ def prompt(args: argparse.Namespace, session: Session) -> int:
                 out.stdout.write("\n")
             session.note(f"the stream broke after {characters} characters ({error.code}); again:")
 
-        async with _client(args, settings) as client:
+        async with _client(args, settings, skills=(PROMPT_SKILL, VIDEO_SKILL)) as client:
             try:
                 text = await client.generate_prompt(request, on_text=show, on_discard=discard)
             except NanoPhotoError as error:
@@ -192,6 +202,26 @@ def prompt(args: argparse.Namespace, session: Session) -> int:
     return asyncio.run(run())
 
 
+def output_folder_for_flow(output_dir: str) -> str:
+    """``--output-dir`` as a flow parameter: on the command line, the user's folder is the root.
+
+    A flow confines its downloads to the worker's output folder; here the
+    process is the worker, and the folder the user named is that folder.
+    """
+    from fsspec.core import split_protocol  # only for the flow commands, which need it anyway
+
+    from nanophoto.storage import LOCAL_PROTOCOLS, OUTPUT_ROOT_VARIABLE
+
+    if not output_dir.strip():
+        return ""  # no download
+    protocol, path = split_protocol(output_dir)
+    if protocol is not None and protocol not in LOCAL_PROTOCOLS:
+        return output_dir  # a remote store: the flow checks its scheme
+    folder = Path(path).expanduser().resolve()
+    os.environ[OUTPUT_ROOT_VARIABLE] = str(folder)
+    return str(folder)
+
+
 def video(args: argparse.Namespace, session: Session) -> int:
     """Run the topic-to-video Prefect flow and print its result."""
     job = prompt_request_from(args)  # the video's options too, before the prompt is paid for
@@ -200,7 +230,10 @@ def video(args: argparse.Namespace, session: Session) -> int:
 
     async def run_flow() -> Any:
         return await topic_to_video(
-            **job.model_dump(), schedule=schedule, output_dir=args.output_dir, return_state=True
+            **job.model_dump(),
+            schedule=schedule,
+            output_dir=output_folder_for_flow(args.output_dir),
+            return_state=True,
         )
 
     state = asyncio.run(run_flow())
@@ -220,7 +253,10 @@ def submissions(args: argparse.Namespace, session: Session) -> int:
         raise UsageError(f"--key: {args.action} needs the idempotency key")
     from flows.submissions import submissions as ledger_flow  # Prefect only for this command
 
-    parameters: dict[str, Any] = {"action": args.action, "output_dir": args.output_dir}
+    parameters: dict[str, Any] = {
+        "action": args.action,
+        "output_dir": output_folder_for_flow(args.output_dir),
+    }
     if args.key:
         parameters["idempotency_key"] = args.key
     if args.task_id:
@@ -254,6 +290,7 @@ def sandbox(args: argparse.Namespace, session: Session) -> int:
     from nanophoto_simulator.cli import main as simulator_main
 
     argv = ["--port", str(args.port), "--time-scale", str(args.time_scale), "--key", args.key]
+    argv.append("--edge" if args.edge else "--no-edge")
     for fault in args.fault:
         argv += ["--fault", fault]
     try:

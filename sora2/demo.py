@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from nanophoto_simulator.config import SANDBOX_TIME_SCALE
+from nanophoto_simulator.config import SANDBOX_TIME_SCALE, SimulatorConfig
 
 DEMO_KEY = "demo-key"
 DEMO_CREDITS = 100
@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def demo_config(args: argparse.Namespace) -> SimulatorConfig:
+    """The demo's simulator: its edge on, as in the sandbox, so the demo's path is the one
+    NanoPhoto's edge would see."""
+    return SimulatorConfig(keys={DEMO_KEY: DEMO_CREDITS}, time_scale=args.time_scale, edge=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
     args = parse_args(argv)
@@ -49,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("PREFECT_API_URL", None)
 
     from nanophoto.watch import WatchSchedule
-    from nanophoto_simulator import SimulatorConfig, SimulatorThread
+    from nanophoto_simulator import SimulatorThread
 
-    config = SimulatorConfig(keys={DEMO_KEY: DEMO_CREDITS}, time_scale=args.time_scale)
+    config = demo_config(args)
     with SimulatorThread(config) as simulator:
         os.environ["NANOPHOTO_BASE_URL"] = simulator.base_url
         os.environ["NANOPHOTO_API_KEY"] = DEMO_KEY
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         from flows.video import topic_to_video
+        from sora2.commands import output_folder_for_flow
         from tasks.ratelimit import create_rate_limit
 
         # The embedded server keeps leases in memory: slots of an earlier demo are free.
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             topic_to_video(
                 topic=args.topic,
                 schedule=WatchSchedule(),
-                output_dir=args.output_dir,
+                output_dir=output_folder_for_flow(args.output_dir),
             )
         )
         balance = simulator.snapshot()["credits"][DEMO_KEY]["balance"]

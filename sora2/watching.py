@@ -14,7 +14,8 @@ from typing import Final
 from nanophoto.client import NanoPhotoClient
 from nanophoto.errors import NanoPhotoError
 from nanophoto.models import VideoStatus
-from nanophoto.watch import WatchSchedule, watch_video
+from nanophoto.settings import NanoPhotoSettings
+from nanophoto.watch import WatchSchedule, wait_notice, watch_video
 from sora2.output import Session
 
 EXIT_OK: Final = 0
@@ -61,6 +62,11 @@ async def watch_to_end(
     def transient(error: NanoPhotoError) -> None:
         session.note(f"check failed ({error.code}); still watching {task_id}")
 
+    def waiting(seconds: float, left: float) -> None:
+        notice = wait_notice(task_id, seconds, left, NanoPhotoSettings().time_scale)
+        hint = f" (sora2 resume --task-id {task_id})" if seconds >= left else ""
+        session.note(notice + hint)
+
     async def sleep(seconds: float) -> None:
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
@@ -77,6 +83,7 @@ async def watch_to_end(
                 submitted_at=submitted_at,
                 sleep=sleep,
                 on_transient_error=transient,
+                on_wait=waiting,
             )
     except NanoPhotoError as error:
         session.note(f"{error} (watch it again with: sora2 status --task-id {task_id} --follow)")

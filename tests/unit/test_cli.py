@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from nanophoto.contract import Locale, Technique
+from nanophoto.contract import DEFAULT_USER_AGENT, ORIGIN, Locale, Technique
+from nanophoto.storage import OUTPUT_ROOT_VARIABLE
 from nanophoto_simulator import DEFAULT_KEY, Simulator
 from nanophoto_simulator.prompts import write_prompt
 from sora2.cli import main
+from sora2.commands import output_folder_for_flow
 from tests.helpers import MakeSimulator, free_port, use_simulator
 
 # NanoPhoto's seconds, as a user types them: NANOPHOTO_TIME_SCALE compresses them.
@@ -210,7 +214,9 @@ def test_a_video_not_done_by_max_wait_exits_1_and_says_how_to_resume(
     assert documents[0]["response"]["taskId"] in stderr
 
 
-def test_a_failed_video_exits_1(api: Simulator) -> None:
+def test_a_failed_video_exits_1_when_followed_and_status_reports_it_with_0(
+    api: Simulator,
+) -> None:
     api.queue_fault("generate", "generation_failed")
     code, documents, stderr = sora2("submit", "--prompt", "A fox", "--follow", *FAST)
     assert code == 1
@@ -218,7 +224,7 @@ def test_a_failed_video_exits_1(api: Simulator) -> None:
     assert "GENERATION_FAILED" in stderr
     task_id = documents[0]["response"]["taskId"]
     code, status, _ = sora2("status", "--task-id", task_id)
-    assert code == 1
+    assert code == 0  # as the published tool: status reports, it does not judge
     assert status[0]["response"]["errorCode"] == "GENERATION_FAILED"
 
 
@@ -328,19 +334,37 @@ def test_sandbox_serves_the_contract_until_stopped(tmp_path: Any) -> None:
     )
     try:
         deadline = time.monotonic() + 30
+        url = f"http://127.0.0.1:{port}/api/sora-2/check-status"
         while True:
             try:
-                answer = httpx.post(
-                    f"http://127.0.0.1:{port}/api/sora-2/check-status",
-                    json={"taskId": "t"},
-                    headers={"Authorization": "Bearer sim-key"},
+                bare = httpx.post(
+                    url, json={"taskId": "t"}, headers={"Authorization": "Bearer sim-key"}
                 )
                 break
             except httpx.ConnectError:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        assert answer.status_code == 404
+        # The sandbox's edge is on: a client without the published tools' headers is refused.
+        assert bare.status_code == 403
+        assert bare.headers["content-type"].startswith("text/html")
+        browser = {
+            "Authorization": "Bearer sim-key",
+            "User-Agent": DEFAULT_USER_AGENT,
+            "Origin": ORIGIN,
+        }
+        assert httpx.post(url, json={"taskId": "t"}, headers=browser).status_code == 404
     finally:
         process.terminate()
         _, stderr = process.communicate(timeout=10)
     assert f"NANOPHOTO_BASE_URL=http://127.0.0.1:{port}" in stderr
+
+
+def test_the_flow_commands_output_folder_is_the_root_a_remote_url_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert output_folder_for_flow("") == ""  # no download, as for the flows
+    assert output_folder_for_flow("s3://bucket/videos") == "s3://bucket/videos"
+    for given in ("out", f"file://{tmp_path}/out"):
+        assert output_folder_for_flow(given) == str(tmp_path / "out")
+        assert os.environ[OUTPUT_ROOT_VARIABLE] == str(tmp_path / "out")

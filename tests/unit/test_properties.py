@@ -17,7 +17,15 @@ from prefect.exceptions import ParameterTypeError
 from pydantic import ValidationError
 
 from flows.video import topic_to_video
-from nanophoto.contract import MAX_IMAGE_URLS, AspectRatio, Locale, Mode, ModelTier, Technique
+from nanophoto.contract import (
+    MAX_IMAGE_URLS,
+    MIN_STATUS_CHECK_INTERVAL_S,
+    AspectRatio,
+    Locale,
+    Mode,
+    ModelTier,
+    Technique,
+)
 from nanophoto.models import PromptRequest
 from nanophoto_simulator import DEFAULT_KEY, SimulatorConfig, SimulatorThread
 from sora2.cli import main
@@ -138,7 +146,7 @@ cli_inputs = st.fixed_dictionaries(
             lambda t: not t.startswith("-")
         ),
         "duration": st.sampled_from(["10", "15", "12", "0"]),
-        "interval": st.sampled_from(["20", "0.5", "0", "-1", "inf", "nan"]),
+        "interval": st.sampled_from(["20", "5", "4.9", "0.5", "0", "-1", "inf", "nan"]),
         "max_wait": st.sampled_from(["1200", "30", "0", "-5", "inf"]),
     }
 )
@@ -160,10 +168,11 @@ def cli_invalid(values: dict[str, Any]) -> set[str]:
         or (values["mode"] == Mode.IMAGE_TO_VIDEO and not urls)
     ):
         bad.add("image_urls")
-    for name in ("interval", "max_wait"):
-        number = float(values[name])
-        if not (number > 0 and number != float("inf")):
-            bad.add(name)
+    interval, max_wait = float(values["interval"]), float(values["max_wait"])
+    if not MIN_STATUS_CHECK_INTERVAL_S <= interval < float("inf"):  # nan fails too
+        bad.add("interval")
+    if not 0 < max_wait < float("inf"):
+        bad.add("max_wait")
     return bad
 
 

@@ -16,6 +16,7 @@ from nanophoto.errors import (
     APIError,
     AuthenticationError,
     ConnectionDroppedError,
+    EdgeBlockedError,
     GatewayError,
     InsufficientCreditsError,
     InvalidRequestError,
@@ -214,13 +215,30 @@ async def test_a_cdn_429_page_is_a_rate_limit_not_a_final_error() -> None:
     assert caught.value.retryable
 
 
-@pytest.mark.parametrize("status", [403, 200])
-async def test_a_non_json_page_while_checking_is_transient(status: int) -> None:
-    recorder = Recorder(gateway_page(status), PROCESSING)
+async def test_a_non_json_200_while_checking_is_transient() -> None:
+    recorder = Recorder(gateway_page(200), PROCESSING)
     async with make_client(recorder) as client:
         result = await client.check_status("t1")
     assert result.is_running
     assert len(recorder.requests) == 2
+
+
+@pytest.mark.parametrize("status", [401, 403, 406])
+async def test_an_html_refusal_of_the_edge_is_its_own_error_never_an_unknown(status: int) -> None:
+    """The CDN refused the client: nothing started, and the same request would be refused."""
+    for call in ("check", "submit"):
+        recorder = Recorder(gateway_page(status), PROCESSING)
+        async with make_client(recorder) as client:
+            request = (
+                client.check_status("t1")
+                if call == "check"
+                else client.submit(VideoRequest(prompt="a fox"))
+            )
+            with pytest.raises(EdgeBlockedError) as caught:
+                await request
+        assert not caught.value.may_have_started
+        assert "NANOPHOTO_USER_AGENT" in str(caught.value)
+        assert len(recorder.requests) == 1  # not retried
 
 
 async def test_a_submit_answered_200_with_a_cut_body_may_have_started() -> None:

@@ -91,9 +91,25 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert (settings.base_url, settings.read_timeout) == ("http://127.0.0.1:8765", 5.0)
 
 
-@pytest.mark.parametrize("url", ["http://nanophoto.ai", "ftp://nanophoto.ai", "nanophoto.ai"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://nanophoto.ai",
+        "ftp://nanophoto.ai",
+        "nanophoto.ai",
+        "http://127.evil.example:8765",  # a name that looks like loopback is not
+        "http://localhost.evil.example",
+        "http://0.0.0.0:8977",
+    ],
+)
 def test_the_key_only_travels_over_https_or_to_this_machine(url: str) -> None:
     with pytest.raises(ValueError, match="base_url"):
         NanoPhotoSettings(base_url=url)
-    for fine in ("https://nanophoto.ai", "http://127.0.0.1:8765", "http://localhost:1"):
+    for fine in (
+        "https://nanophoto.ai",
+        "http://127.0.0.1:8765",
+        "http://127.3.4.5:80",
+        "http://localhost:1",
+        "http://[::1]:8765",
+    ):
         assert NanoPhotoSettings(base_url=fine).base_url == fine

@@ -12,7 +12,10 @@ import pytest
 
 from nanophoto.contract import PROMPT_PATH, STATUS_PATH, SUBMIT_PATH, Locale, Technique
 from nanophoto_simulator import DEFAULT_KEY, Faults, Simulator, SimulatorConfig, SimulatorThread
+from nanophoto_simulator.cli import config_from, parse_args
 from nanophoto_simulator.prompts import write_prompt
+from sora2.demo import demo_config
+from sora2.demo import parse_args as demo_args
 from tests.helpers import MakeSimulator
 
 AUTH = {"Authorization": f"Bearer {DEFAULT_KEY}"}
@@ -289,3 +292,46 @@ def test_a_lost_status_answer_does_not_count_as_seen(
     assert (task["status_checks"], task["reported_at"]) == (0, None)
     post(sim, STATUS_PATH, {"taskId": task_id})
     assert sim.snapshot()["tasks"][0]["status_checks"] == 1
+
+
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64) Chrome/133.0.0.0"
+
+
+def test_the_edge_refuses_what_does_not_look_like_a_browser_with_an_html_page(
+    make_simulator: MakeSimulator,
+) -> None:
+    sim = make_simulator(edge=True)
+    for headers in (
+        {"User-Agent": "python-httpx/0.27", "Origin": "https://nanophoto.ai"},  # not a browser
+        {"User-Agent": BROWSER},  # a browser's agent, without an Origin
+    ):
+        answer = post(sim, SUBMIT_PATH, SUBMIT, {**AUTH, **headers})
+        assert answer.status_code == 403
+        assert answer.headers["content-type"].startswith("text/html")
+    assert sim.snapshot()["edge_refused"] == 2
+    assert sim.snapshot()["submits"] == 0  # the API never saw them: nothing charged
+    passed = post(sim, SUBMIT_PATH, SUBMIT, {**AUTH, "User-Agent": BROWSER, "Origin": "x"})
+    assert passed.status_code == 200
+    # Without the edge (the tests' default), the API answers whatever the headers.
+    plain = make_simulator()
+    assert post(plain, SUBMIT_PATH, SUBMIT, {**AUTH, "User-Agent": "curl/8"}).status_code == 200
+
+
+def test_the_command_line_sets_the_edge_the_failed_status_and_the_url_delay() -> None:
+    default = config_from(parse_args([]))
+    assert default.edge  # the sandbox's path is the one the real edge would see
+    assert default.failed_http_status == 200
+    chosen = config_from(
+        parse_args(["--no-edge", "--failed-http-status", "500", "--video-url-delay", "30"])
+    )
+    assert (chosen.edge, chosen.failed_http_status, chosen.video_url_delay_seconds) == (
+        False,
+        500,
+        30.0,
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--failed-http-status", "404"])  # the contract allows 200 or 500
+
+
+def test_the_demo_runs_behind_the_edge() -> None:
+    assert demo_config(demo_args([])).edge

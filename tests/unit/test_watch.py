@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nanophoto.errors import (
+    CompletedWithoutUrlError,
     ConnectionDroppedError,
     NanoPhotoError,
     RateLimitError,
@@ -18,9 +19,12 @@ from nanophoto.watch import WatchSchedule, watch_video
 class FakeVideo:
     """A video that is ready at ``ready_at`` on a fake clock; records each check."""
 
-    def __init__(self, ready_at: float, *, fail: bool = False) -> None:
+    def __init__(
+        self, ready_at: float, *, fail: bool = False, url: str | None = "https://v/t.mp4"
+    ) -> None:
         self.ready_at = ready_at
         self.fail = fail
+        self.url = url
         self.now = 0.0
         self.checks: list[float] = []
         self.errors: dict[int, NanoPhotoError] = {}
@@ -40,7 +44,7 @@ class FakeVideo:
             return VideoStatus(task_id=task_id, status="processing")
         if self.fail:
             return VideoStatus(task_id=task_id, status="failed", error_code="GENERATION_FAILED")
-        return VideoStatus(task_id=task_id, status="completed", video_url="https://v/t.mp4")
+        return VideoStatus(task_id=task_id, status="completed", video_url=self.url)
 
     async def watch(self, schedule: WatchSchedule | None = None) -> VideoStatus:
         return await watch_video(
@@ -161,3 +165,16 @@ def test_schedule_scales_every_duration() -> None:
 def test_schedule_refuses_a_zero_interval() -> None:
     with pytest.raises(ValueError, match="interval"):
         WatchSchedule(interval=0)
+
+
+async def test_completed_without_a_url_is_reported_as_paid_never_as_not_finished() -> None:
+    video = FakeVideo(ready_at=130, url=None)
+    with pytest.raises(CompletedWithoutUrlError, match="completed \\(and charged\\)"):
+        await video.watch()
+    assert video.checks == [120, 140, 160, 180]  # asked three times once it was done
+
+    # The watch's end comes before the third answer: still "completed, no URL".
+    short = FakeVideo(ready_at=135, url=None)
+    with pytest.raises(CompletedWithoutUrlError, match="not refunded"):
+        await short.watch(WatchSchedule(max_wait=150))
+    assert short.checks == [120, 140, 150]  # two "completed" answers, then max_wait

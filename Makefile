@@ -44,7 +44,8 @@ deploy: $(VENV)/.installed ## Prepare the configured Prefect server and deploy p
 
 worker: $(VENV)/.installed ## A process worker for the sora2-process pool.
 	$(PY) -c "from deployments.setup import require_api_url; require_api_url()"
-	$(PREFECT) worker start --pool sora2-process --type process
+	# The flow runs' `python` is this project's (the pool's command is `python -m prefect.engine`).
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PREFECT) worker start --pool sora2-process --type process
 
 serve: $(VENV)/.installed ## No work pool: serve every flow from this one process.
 	$(PY) -m deployments.serve

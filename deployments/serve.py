@@ -10,30 +10,30 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from prefect import aserve
+from prefect.runner import Runner
 
-from deployments.setup import require_api_url
+from deployments.setup import require_api_url, seal_parameter_schemas
 from flows import batch_of_videos, prompt_to_video, resume_video, submissions, topic_to_video
 from tasks.credentials import NanoPhotoCredentials
 
 
 async def serve() -> None:
-    """Register the block type and one deployment per flow, and run them here."""
+    """Register the block type and one deployment per flow, and run them here.
+
+    Prefect's ``aserve``, with one step between registering and running: the
+    deployments' schemas are sealed, so an undeclared parameter (an ``api_key``)
+    is refused before a run exists, as it is for ``make deploy``'s.
+    """
     await NanoPhotoCredentials.aregister_type_and_schema()
     tags = ["sora2", "served"]
-    await aserve(
-        *[
-            await each.ato_deployment(name="served", tags=tags, enforce_parameter_schema=True)
-            for each in (
-                topic_to_video,
-                prompt_to_video,
-                resume_video,
-                batch_of_videos,
-                submissions,
-            )
-        ],
-        limit=4,
-    )
+    runner = Runner(limit=4, pause_on_shutdown=True)
+    for each in (topic_to_video, prompt_to_video, resume_video, batch_of_videos, submissions):
+        deployment = await each.ato_deployment(
+            name="served", tags=tags, enforce_parameter_schema=True
+        )
+        await runner.aadd_deployment(deployment)
+    await seal_parameter_schemas()
+    await runner.start()
 
 
 def main() -> int:

@@ -13,13 +13,17 @@ turned on stay on). It talks to the server your Prefect settings name
    hour, shared by every run and worker (``--rate-limit``, default
    ``NANOPHOTO_RATE_LIMIT`` or 100);
 5. the zombie-run automation from ``deployments/automations.yaml``;
-6. every deployment in ``prefect.yaml``, without prompting.
+6. every deployment in ``prefect.yaml``, without prompting; then the schedules'
+   on/off states and the parameters people changed in the UI since the last
+   deploy are put back, and undeclared parameters are refused (sealed schemas).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +33,7 @@ from uuid import UUID
 
 import yaml
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate, WorkPoolUpdate
 from prefect.events.schemas.automations import AutomationCore
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import get_current_settings
@@ -45,6 +49,9 @@ PROJECT_DIR: Final = Path(__file__).resolve().parent.parent
 WORK_POOL: Final = "sora2-process"
 PROJECT_VARIABLE: Final = "sora2_project_dir"
 ZOMBIE_AUTOMATION: Final = "crash-zombie-video-runs"
+# What the last deploy wrote into each deployment's parameters (digests): a difference
+# is an edit made in the UI, which the next deploy keeps.
+DEPLOYED_PARAMETERS_VARIABLE: Final = "sora2_deployed_parameters"
 
 
 def say(message: str) -> None:
@@ -64,9 +71,24 @@ def require_api_url() -> str:
     return url
 
 
-async def ensure_work_pool() -> None:
-    """The process work pool, with Prefect's default job template; edits are kept."""
+# The flow-run command, set instead of left to the worker: a process worker left to choose
+# prepares a "workspace" and writes its whole environment (NANOPHOTO_API_KEY, if the
+# worker holds it) to a manifest in the temporary folder, which a killed worker leaves
+# behind. With a command it starts the engine directly and writes no such file. `python`
+# is the project's: `make worker` puts .venv/bin first on the PATH.
+FLOW_RUN_COMMAND: Final = "python -m prefect.engine"
+
+
+def job_template() -> dict[str, Any]:
+    """Prefect's process job template, with our flow-run command as its default."""
     template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = FLOW_RUN_COMMAND
+    return template
+
+
+async def ensure_work_pool() -> None:
+    """The process work pool, with our job template; a person's edits are kept."""
+    template = job_template()
     async with get_client() as client:
         try:
             await client.create_work_pool(
@@ -75,9 +97,16 @@ async def ensure_work_pool() -> None:
             say(f"created work pool {WORK_POOL}")
         except ObjectAlreadyExists:
             pool = await client.read_work_pool(WORK_POOL)
-            if not pool.base_job_template:
+            kept = pool.base_job_template or {}
+            command = kept.get("variables", {}).get("properties", {}).get("command")
+            if not kept:
                 await client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=template))
-                say(f"work pool {WORK_POOL} exists; gave it the default job template")
+                say(f"work pool {WORK_POOL} exists; gave it our job template ({FLOW_RUN_COMMAND})")
+            elif isinstance(command, dict) and command.get("default") is None:
+                # Only the command: every other edit a person made to the template stays.
+                command["default"] = FLOW_RUN_COMMAND
+                await client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=kept))
+                say(f"work pool {WORK_POOL} exists; its flow-run command is now {FLOW_RUN_COMMAND}")
             else:
                 say(f"work pool {WORK_POOL} already exists")
 
@@ -161,6 +190,72 @@ async def restore_schedule_states(before: dict[tuple[UUID, str], bool]) -> None:
                     say(f"kept schedule {deployment.name}/{schedule.slug} {state}")
 
 
+def _digest(parameters: dict[str, Any]) -> str:
+    """A short fingerprint of a deployment's parameters."""
+    text = json.dumps(parameters, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+async def parameter_edits() -> dict[UUID, dict[str, Any]]:
+    """Parameters people changed in the UI since the last deploy (a scheduled video's
+    topic, a weekly batch's items): those that differ from what that deploy wrote."""
+    deployed: Any = await Variable.aget(DEPLOYED_PARAMETERS_VARIABLE, default={})
+    if not isinstance(deployed, dict):
+        return {}
+    async with get_client() as client:
+        deployments = await client.read_deployments()
+    return {
+        deployment.id: dict(deployment.parameters)
+        for deployment in deployments
+        if str(deployment.id) in deployed
+        and deployed[str(deployment.id)] != _digest(dict(deployment.parameters))
+    }
+
+
+async def restore_parameter_edits(edits: dict[UUID, dict[str, Any]]) -> None:
+    """Put back the parameters people changed in the UI, and remember what this deploy wrote.
+
+    ``prefect deploy`` writes prefect.yaml's parameters over a deployment's; a
+    topic edited in the UI (as the README says to) would silently go back.
+    """
+    wrote: dict[str, str] = {}
+    async with get_client() as client:
+        for deployment in await client.read_deployments():
+            if "sora2" not in (deployment.tags or []):
+                continue
+            wrote[str(deployment.id)] = _digest(dict(deployment.parameters))
+            kept = edits.get(deployment.id)
+            if kept is not None and kept != dict(deployment.parameters):
+                await client.update_deployment(deployment.id, DeploymentUpdate(parameters=kept))
+                say(
+                    f"kept the parameters of {deployment.name} changed in the UI "
+                    "(prefect.yaml's are not applied to it)"
+                )
+    await Variable.aset(DEPLOYED_PARAMETERS_VARIABLE, wrote, overwrite=True)
+
+
+async def seal_parameter_schemas() -> None:
+    """Refuse undeclared parameters before a run exists: ``additionalProperties: false``.
+
+    Prefect's server checks run parameters against the deployment's schema, but
+    the schema ``prefect deploy`` stores lets any extra name through (an
+    ``api_key`` would be accepted, stored in plain text, and crash the run).
+    """
+    async with get_client() as client:
+        for deployment in await client.read_deployments():
+            schema = dict(deployment.parameter_openapi_schema or {})
+            if (
+                "sora2" not in (deployment.tags or [])
+                or schema.get("additionalProperties") is False
+            ):
+                continue
+            schema["additionalProperties"] = False
+            await client.update_deployment(
+                deployment.id, DeploymentUpdate(parameter_openapi_schema=schema)
+            )
+            say(f"{deployment.name}: undeclared parameters are refused")
+
+
 def deploy_all(prefect_file: Path | None = None) -> None:
     """``prefect deploy --all`` without prompts, from the project folder."""
     prefect = Path(sys.executable).with_name("prefect")
@@ -217,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(prepare(args))
     if not args.no_deploy:
         before = asyncio.run(schedule_states())
+        edits = asyncio.run(parameter_edits())
         deploy_all(args.prefect_file)
         asyncio.run(restore_schedule_states(before))
+        asyncio.run(restore_parameter_edits(edits))
+        asyncio.run(seal_parameter_schemas())
     say("done")
     return 0
 

@@ -50,6 +50,7 @@ from nanophoto.watch import CheckPlan, WatchSchedule
 from tasks.observe import BatchProgress, best_effort
 from tasks.ratelimit import shared_limiter
 from tasks.submissions import IdempotencyKey, SubmissionRecord, resolve_idempotency_key
+from tasks.video import OutputDir
 
 ItemStatus = Literal["delivered", "failed", "over_budget"]
 
@@ -191,7 +192,7 @@ async def batch_of_videos(
     credit_budget: int | None = None,
     max_in_flight: Annotated[int, Field(ge=1, le=1000)] = 10,
     schedule: WatchSchedule = WatchSchedule(),
-    output_dir: str = "videos",
+    output_dir: OutputDir = ".",
     batch_key: IdempotencyKey | None = None,
     resubmit_unknown_up_to_credits: Annotated[int, Field(ge=0)] = 0,
 ) -> BatchSummary:

@@ -32,8 +32,10 @@ OPTION_FIELDS: Final[dict[str, FieldInfo]] = {
 SHARED: Final[dict[str, str]] = {
     "schedule": "When to check the video, in NanoPhoto's seconds after submit: first "
     "check, interval, and when to stop watching.",
-    "output_dir": "Folder on the worker, or an fsspec URL (s3://bucket/videos), to save "
-    "the video in, named by its task id; empty to skip the download.",
+    "output_dir": "Where to save the video, named by its task id: a folder inside the "
+    "worker's output folder (SORA2_OUTPUT_ROOT, by default the project's videos/; . is that "
+    "folder, and no path leads out of it), or a remote fsspec URL (s3://bucket/videos). "
+    "Empty: no download.",
     "idempotency_key": "Runs with the same key make one video, paid once: a rerun resumes "
     "the video already submitted instead of paying again. 1 to 200 letters, digits and "
     "the characters _ . : - (no spaces). Empty: this flow run's id (so a retry of this "

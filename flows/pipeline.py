@@ -1,9 +1,11 @@
 """The single-video pipeline every flow shares: exactly once, watched, downloaded, reported.
 
-``finish_earlier_attempt`` looks up what an idempotency key already did, and
-may finish that video here (watch it, download it) instead of paying again.
-``submit_and_finish`` submits a video once and finishes it. ``finish_video``
-watches a submitted video to its end and downloads it. The flows in
+``make_video_once`` looks up what an idempotency key already did (and
+returns that video, or finishes it here: watch it, download it, instead of
+paying again), or claims the key, writes the prompt, submits the video once
+and finishes it. ``earlier_outcome`` only reads a key's record (a batch's
+rerun, before it reserves any budget). ``finish_video`` watches a submitted
+video to its end and downloads it; ``finish_and_record`` records how it ended. The flows in
 ``flows/video.py`` and the batch in ``flows/batch.py`` are these steps in
 order; the submission records (``tasks/submissions.py``) are what makes them
 exactly-once.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,7 +25,14 @@ from datetime import UTC, datetime, timedelta
 from prefect import get_run_logger
 
 from nanophoto.contract import PROCESSING, PROMPT_COST
-from nanophoto.errors import GenerationFailedError, NanoPhotoError, SubmitOutcomeUnknownError
+from nanophoto.errors import (
+    CompletedWithoutUrlError,
+    GenerationFailedError,
+    NanoPhotoError,
+    SubmitOutcomeUnknownError,
+    VideoUnavailableError,
+    WaitTimeoutError,
+)
 from nanophoto.models import (
     PromptRequest,
     StageTimings,
@@ -34,7 +44,7 @@ from nanophoto.models import (
 )
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.storage import VideoStore
-from nanophoto.watch import CheckPlan, CheckStatus, WatchSchedule, watch_video
+from nanophoto.watch import CheckPlan, CheckStatus, WatchSchedule, wait_notice, watch_video
 from tasks.credentials import open_client
 from tasks.observe import (
     WaitProgress,
@@ -52,7 +62,13 @@ from tasks.submissions import (
     key_wait,
     new_claim_token,
 )
-from tasks.video import check_video_status, download_video, generate_prompt, submit_video
+from tasks.video import (
+    CheckFailed,
+    check_video_status,
+    download_video,
+    generate_prompt,
+    submit_video,
+)
 
 # (task id, submitted at) -> when to make each check of that video
 PlanFactory = Callable[[str, float], CheckPlan]
@@ -439,6 +455,27 @@ async def _record(
         )
 
 
+def _may_still_finish(error: NanoPhotoError) -> bool:
+    """The watch ended on an error of ours or of the key (401, 403, 402...): the video
+    itself may still finish at NanoPhoto."""
+    return not isinstance(
+        error,
+        GenerationFailedError | WaitTimeoutError | CompletedWithoutUrlError | VideoUnavailableError,
+    ) and error.code not in ("TASK_NOT_FOUND",)
+
+
+def _with_resume_hint(error: NanoPhotoError, task_id: str) -> NanoPhotoError:
+    """The same error, saying which video is still at stake and how to pick it up."""
+    hinted = copy.copy(error)
+    hinted.message = (
+        f"{error.message}. Watching video {task_id} stopped; it may still finish at "
+        f"NanoPhoto: once this is fixed, resume it without paying again (resume-video with "
+        f"task_id={task_id}, or sora2 resume --task-id {task_id})"
+    )
+    hinted.args = (hinted.message,)
+    return hinted
+
+
 async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
     """Watch a submitted video until it is final, then download it, and report it."""
     logger = get_run_logger()
@@ -454,6 +491,8 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
 
     async def check(task_id: str) -> VideoStatus:
         status = await check_video_status(task_id)
+        if isinstance(status, CheckFailed):  # a warning on the run, not a failed task run
+            raise status.error
         if progress is not None:
             await progress.update(time.monotonic() - submitted_at, status.status)
         return status
@@ -468,6 +507,11 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
 
     def note_transient(error: NanoPhotoError) -> None:
         logger.warning("status check failed (%s); still watching %s", error, task_id)
+
+    def note_wait(seconds: float, left: float) -> None:
+        notice = wait_notice(task_id, seconds, left, NanoPhotoSettings().time_scale)
+        hint = f" (resume-video, task_id={task_id})" if seconds >= left else ""
+        logger.warning("%s%s", notice, hint)
 
     status = video.status
     try:
@@ -485,15 +529,22 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
                     submitted_at=submitted_at,
                     sleep=sleep,
                     on_transient_error=note_transient,
+                    on_wait=note_wait,
                     plan=None if how.plan is None else how.plan(task_id, submitted_at),
                 )
         wait_seconds = time.monotonic() - submitted_at
-        if status.is_failed or status.video_url is None:
+        if status.is_failed:
             refund = f"its {video.cost} credits" if video.cost is not None else "its credits"
             raise GenerationFailedError(
                 f"video {task_id} failed: {status.error or 'no reason given'}. "
                 f"NanoPhoto refunds {refund}; a new submit is charged again.",
                 code=status.error_code or GenerationFailedError.code,
+            )
+        if status.video_url is None:  # done and paid for, without a URL: never a refund
+            raise CompletedWithoutUrlError(
+                f"NanoPhoto says video {task_id} is completed (and charged) but gave no video "
+                f"URL; it was not refunded. Resume it later to download it without paying "
+                f"again (resume-video with task_id={task_id}, sora2 resume --task-id {task_id})"
             )
         download_seconds, saved = 0.0, None
         if how.output_dir:
@@ -507,6 +558,8 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
         emit_video_event("failed", task_id, error_code=code, error=str(error)[:1000])
         if progress is not None:
             await progress.finish(f"{status.status}: {code}", completed=False)
+        if isinstance(error, NanoPhotoError) and _may_still_finish(error):
+            raise _with_resume_hint(error, task_id) from error
         raise
     if progress is not None:
         await progress.finish(status.status, completed=True)

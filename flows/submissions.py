@@ -35,7 +35,7 @@ from tasks.submissions import (
     ledger_json,
     ledger_rows,
 )
-from tasks.video import check_video_status
+from tasks.video import CheckFailed, OutputDir, check_video_status
 
 Action = Literal["list", "resolve", "release"]
 # A key's record may be resolved while nobody knows its video; never over a known one.
@@ -62,7 +62,7 @@ async def submissions(
     idempotency_key: ItemKey | None = None,
     task_id: TaskIdText | None = None,
     schedule: ResumeSchedule = ResumeSchedule(),
-    output_dir: str = "videos",
+    output_dir: OutputDir = ".",
 ) -> LedgerReport:
     """Read the submissions ledger, or resolve or release one key's unknown outcome.
 
@@ -90,7 +90,9 @@ async def submissions(
             raise ValueError("task_id: needed to resolve a key (from your NanoPhoto account)")
         if action == "resolve":
             assert task_id is not None
-            await check_video_status(task_id)  # a mistyped id fails here: TASK_NOT_FOUND
+            checked = await check_video_status(task_id)  # a mistyped id fails: TASK_NOT_FOUND
+            if isinstance(checked, CheckFailed):  # a 429 or gateway page: unchecked, not resolved
+                raise checked.error
         async with store.holding(idempotency_key):
             record = await store.read(idempotency_key)
             if record is None:

@@ -52,6 +52,7 @@ from nanophoto.models import (
 )
 from nanophoto.watch import ResumeSchedule, WatchSchedule
 from tasks.submissions import IdempotencyKey, resolve_idempotency_key
+from tasks.video import OutputDir
 
 # Each run's result is kept in result storage (it holds no secret): readable from the
 # API after the run (run_deployment, the UI), and still there when a retried state
@@ -94,7 +95,7 @@ async def topic_to_video(
     aspect_ratio: AspectRatio = RENDERING.aspect_ratio,
     prompt_model: ModelName = PROMPTING.prompt_model,
     schedule: WatchSchedule = WatchSchedule(),
-    output_dir: str = "videos",
+    output_dir: OutputDir = ".",
     idempotency_key: IdempotencyKey | None = None,
     resubmit_unknown_up_to_credits: Annotated[int, Field(ge=0)] = 0,
 ) -> VideoResult:
@@ -122,7 +123,7 @@ async def prompt_to_video(
     aspect_ratio: AspectRatio = RENDERING.aspect_ratio,
     duration: Duration = RENDERING.duration,
     schedule: WatchSchedule = WatchSchedule(),
-    output_dir: str = "videos",
+    output_dir: OutputDir = ".",
     idempotency_key: IdempotencyKey | None = None,
     resubmit_unknown_up_to_credits: Annotated[int, Field(ge=0)] = 0,
 ) -> VideoResult:
@@ -145,7 +146,7 @@ async def prompt_to_video(
 async def resume_video(
     task_id: TaskIdText,
     schedule: ResumeSchedule = ResumeSchedule(),
-    output_dir: str = "videos",
+    output_dir: OutputDir = ".",
 ) -> VideoResult:
     """Finish a video that was already submitted: watch it, download it, report it.
 

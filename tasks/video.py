@@ -20,17 +20,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import AfterValidator, Field
 
 from nanophoto.client import DownloadedVideo
 from nanophoto.errors import NanoPhotoError
 from nanophoto.models import GeneratedPrompt, PromptRequest, VideoRequest, VideoStatus
-from nanophoto.storage import VideoStore
+from nanophoto.storage import OUTPUT_ROOT_VARIABLE, VideoStore, confined, output_root
 from tasks.credentials import open_client
 from tasks.submissions import ClaimLostError, SubmissionRecord, SubmissionStore, claim_ttl
+
+
+def confine_output(location: str) -> str:
+    """``location`` made safe to write: inside the output folder, or a remote URL."""
+    try:
+        return confined(location, output_root())
+    except ValueError as error:
+        raise ValueError(f"{error} (the worker's {OUTPUT_ROOT_VARIABLE})") from None
+
+
+# A flow parameter: checked by Prefect's parameter validation, before any request;
+# the default too, so "." names the output folder, not the worker's directory.
+OutputDir = Annotated[str, Field(validate_default=True), AfterValidator(confine_output)]
 
 
 class _LineLogger:
@@ -55,6 +71,13 @@ class _LineLogger:
         if self._pending:
             self._logger.info("prompt | %s", self._pending)
             self._pending = ""
+
+
+@dataclass(frozen=True)
+class CheckFailed:
+    """A status check that failed for now; the next scheduled check tries again."""
+
+    error: NanoPhotoError
 
 
 @task(name="generate-prompt", cache_policy=NO_CACHE, retries=0)
@@ -154,17 +177,28 @@ async def submit_video(record: SubmissionRecord, request: VideoRequest) -> Video
 
 
 @task(name="check-video-status", cache_policy=NO_CACHE, retries=0)
-async def check_video_status(task_id: str) -> VideoStatus:
+async def check_video_status(task_id: str) -> VideoStatus | CheckFailed:
     """Ask NanoPhoto how a video task is doing.
+
+    A check that failed in a way the next check may not (a 429, a gateway page,
+    a dropped connection, after the client's retries) is returned, not raised:
+    the watch rides it out, and the run's page shows a warning, not a failed
+    task run. An error no retry can fix (401, 404) fails the task.
 
     Args:
         task_id: The NanoPhoto task id returned by the submit.
 
     Returns:
-        Its status: running, completed (with the video URL) or failed.
+        Its status: running, completed (with the video URL) or failed; or the
+        transient failure of this check.
     """
-    async with open_client() as client:
-        status = await client.check_status(task_id)
+    try:
+        async with open_client() as client:
+            status = await client.check_status(task_id)
+    except NanoPhotoError as error:
+        if not error.retryable:
+            raise
+        return CheckFailed(error)
     get_run_logger().info("video %s: %s", task_id, status.status)
     return status
 
@@ -176,18 +210,19 @@ async def download_video(task_id: str, video_url: str, output_dir: str) -> Downl
     Args:
         task_id: The NanoPhoto task id; it names the file.
         video_url: Where NanoPhoto serves the finished video.
-        output_dir: A folder on the worker, or an fsspec URL (``s3://bucket/videos``).
+        output_dir: A folder inside the worker's output folder, or a remote fsspec URL
+            (``s3://bucket/videos``).
 
     Returns:
         The saved file's path or URL, size and SHA-256.
     """
     logger = get_run_logger()
-    store = VideoStore(output_dir)
+    store = VideoStore(confine_output(output_dir))  # also when called from elsewhere
     kept = await asyncio.to_thread(store.existing, task_id)
     if kept is not None:  # only whole files ever get the final name
         logger.info("already saved %s (%d bytes): not downloaded again", kept.path, kept.size)
         return DownloadedVideo(kept.path, kept.size, kept.sha256)
     async with open_client() as client:
-        video = await client.download(video_url, store, task_id)
+        video = await client.download_finished(task_id, video_url, store)
     logger.info("saved %s (%d bytes, sha256 %s)", video.path, video.size, video.sha256)
     return video

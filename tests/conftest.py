@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from nanophoto.storage import OUTPUT_ROOT_VARIABLE
 from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
 from tests.helpers import MakeSimulator
 
@@ -20,12 +21,19 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No NANOPHOTO_* from the machine, and no real ~/.openclaw file."""
+def isolated_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """No NANOPHOTO_* or SORA2_* from the machine, and no real ~/.openclaw file.
+
+    Videos may be written anywhere under pytest's temporary folder (every
+    ``tmp_path`` is inside it): the output folder a worker confines them to.
+    """
     for name in list(os.environ):
-        if name.startswith("NANOPHOTO_"):
+        if name.startswith(("NANOPHOTO_", "SORA2_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("NANOPHOTO_OPENCLAW_FILE", str(tmp_path / "absent-openclaw.json"))
+    monkeypatch.setenv(OUTPUT_ROOT_VARIABLE, str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nanophoto.storage import OUTPUT_ROOT_VARIABLE
 from tests.helpers import free_port
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -39,11 +40,15 @@ def base_env(home: Path, api_url: str) -> dict[str, str]:
         if not name.startswith(("NANOPHOTO_", "PREFECT_", "SORA2_"))
     }
     env.update(
+        # As `make worker` runs it: the flow runs' `python` is the project's.
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PREFECT_HOME=str(home),
         PREFECT_API_URL=api_url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_CLI_PROMPT="false",
         NANOPHOTO_OPENCLAW_FILE=str(home / "no-openclaw.json"),
+        # The tests' videos go under pytest's temporary folder (see isolated_env).
+        **{OUTPUT_ROOT_VARIABLE: os.environ.get(OUTPUT_ROOT_VARIABLE, str(home.parent))},
     )
     return env
 
@@ -122,3 +127,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         yield server
     finally:
         server.stop_all()
+
+
+def files_holding(secret: str, *folders: Path) -> list[Path]:
+    """The files under ``folders`` whose bytes contain ``secret``."""
+    found = []
+    for folder in folders:
+        for path in folder.rglob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file() and secret.encode() in path.read_bytes():
+                    found.append(path)
+    return found

@@ -3,7 +3,9 @@
 The flow run is retried the way the UI's Retry button does it (AwaitingRetry,
 same flow run id), a new worker picks it up, finds the submission record of
 its idempotency key (derived from that id) and watches the same task to the
-end. The simulator's ledger shows one submit.
+end. The simulator's ledger shows one submit. The workers hold the key in
+their environment, and the kill leaves it in no file of their temporary
+folder or of PREFECT_HOME.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import AwaitingRetry
 
 from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
-from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env
+from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env, files_holding
 
 KEY = "np-crash-test-key"
-SCHEDULE = {"initial_delay": 1.2, "interval": 0.2, "max_wait": 30.0, "expected_generation": 6.0}
+# NanoPhoto's seconds; the workers' NANOPHOTO_TIME_SCALE runs them 100 times faster.
+SCHEDULE = {"initial_delay": 120, "interval": 20, "max_wait": 3000, "expected_generation": 600}
 WORKER = [str(BIN / "prefect"), "worker", "start", "--pool", "sora2-process", "--type", "process"]
 
 
@@ -66,11 +69,15 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
     prefect_server: PrefectServer, simulator: Simulator, tmp_path: Path
 ) -> None:
     env = base_env(prefect_server.home, prefect_server.api_url)
+    worker_tmp = tmp_path / "worker-tmp"  # the workers' and their flow runs' temporary folder
+    worker_tmp.mkdir()
     worker_env = {
         **env,
+        "TMPDIR": str(worker_tmp),
         "NANOPHOTO_API_KEY": KEY,
         "NANOPHOTO_BASE_URL": simulator.base_url,
         "NANOPHOTO_RETRY_BASE_DELAY": "0.01",
+        "NANOPHOTO_TIME_SCALE": "0.01",
     }
     done = subprocess.run(
         [str(BIN / "python"), "-m", "deployments.setup"],
@@ -82,12 +89,13 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     first = prefect_server.start(WORKER, prefect_server.home / "worker-1.log", worker_env)
+    videos = tmp_path / "videos"
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
         flow_run = asyncio.run(
             arun_deployment(
                 "prompt-to-video/on-demand",
-                parameters={"prompt": "A fox", "schedule": SCHEDULE, "output_dir": str(tmp_path)},
+                parameters={"prompt": "A fox", "schedule": SCHEDULE, "output_dir": str(videos)},
                 timeout=0,
             )
         )
@@ -106,6 +114,7 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
         first.wait(timeout=10)
         wait_until(lambda: not processes_of_flow_run(flow_run.id), "the kill", 10)
         checks_at_kill = simulator.snapshot()["tasks"][0]["status_checks"]
+        left_by_the_kill = files_holding(KEY, worker_tmp, prefect_server.home)
 
         # Retry the run, as the UI's Retry button does, and give it a new worker.
         asyncio.run(_retry(flow_run.id))
@@ -120,8 +129,11 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
     task = ledger["tasks"][0]
     assert task["status"] == "completed"
     assert task["status_checks"] > checks_at_kill  # the new worker watched the same task
-    assert (tmp_path / f"{task['task_id']}.mp4").read_bytes()[4:8] == b"ftyp"
+    assert (videos / f"{task['task_id']}.mp4").read_bytes()[4:8] == b"ftyp"
     assert any("resuming it, not paying again" in line for line in logs)
+    # The key was in the workers' environment: no file they or their runs wrote holds it.
+    assert left_by_the_kill == []
+    assert files_holding(KEY, worker_tmp, prefect_server.home) == []
 
 
 async def _retry(flow_run_id: UUID) -> None:

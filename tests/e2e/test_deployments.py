@@ -5,8 +5,10 @@ server takes tens of seconds to start: setup twice (idempotent, keeping a
 schedule someone turned on) → a worker whose key comes from the block →
 arun_deployment → a worker whose key comes from its environment →
 ``prefect deployment run --param`` → results, artifacts and events for both →
-a 501-character topic refused by the server → the key found nowhere, after
-the server has stopped and flushed everything.
+a 501-character topic, an undeclared api_key and a 1e-6 s interval refused
+by the server, an output folder outside the worker's refused at the run's
+first line, all with 0 requests → the key found nowhere, after the server has
+stopped and flushed everything.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from uuid import UUID
 
 import pytest
 from prefect import get_client
+from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -35,10 +38,12 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
-from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env, stop
+from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env, files_holding, stop
 
 SECRET = "np-e2e-7f3a9c1d5b-SECRET"
-SCHEDULE = {"initial_delay": 1.2, "interval": 0.2, "max_wait": 12.0, "expected_generation": 3.0}
+# NanoPhoto's seconds, as a person fills the form; the workers' NANOPHOTO_TIME_SCALE
+# (the simulator's) runs them 100 times faster.
+SCHEDULE = {"initial_delay": 120, "interval": 20, "max_wait": 1200, "expected_generation": 300}
 VIDEO_EVENTS = {"nanophoto.video.submitted", "nanophoto.video.completed"}
 WORKER = [str(BIN / "prefect"), "worker", "start", "--pool", "sora2-process", "--type", "process"]
 
@@ -54,7 +59,9 @@ def run(args: list[str], env: dict[str, str], timeout: float = 240) -> str:
 
 @pytest.fixture
 def simulator() -> Any:
-    with SimulatorThread(SimulatorConfig(keys={SECRET: 1000}, time_scale=0.01, seed=3)) as sim:
+    # The edge on: the workers' requests must pass as NanoPhoto's own tools' do.
+    config = SimulatorConfig(keys={SECRET: 1000}, time_scale=0.01, seed=3, edge=True)
+    with SimulatorThread(config) as sim:
         yield sim
 
 
@@ -66,7 +73,14 @@ def test_deployments_run_on_a_real_server_and_worker(
     videos = tmp_path / "videos"
     setup_env = {**env, "NANOPHOTO_API_KEY": SECRET, "NANOPHOTO_BASE_URL": simulator.base_url}
     setup = [str(BIN / "python"), "-m", "deployments.setup", "--store-key"]
-    worker_env = {**env, "NANOPHOTO_RETRY_BASE_DELAY": "0.01"}
+    worker_tmp = tmp_path / "worker-tmp"  # the workers' and their flow runs' temporary folder
+    worker_tmp.mkdir()
+    worker_env = {
+        **env,
+        "TMPDIR": str(worker_tmp),
+        "NANOPHOTO_RETRY_BASE_DELAY": "0.01",
+        "NANOPHOTO_TIME_SCALE": "0.01",
+    }
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
         # 1. Setup twice: the second run adds nothing and keeps a schedule turned on.
@@ -76,7 +90,17 @@ def test_deployments_run_on_a_real_server_and_worker(
         assert first["rate_limits"] == [("nanophoto-api", 100, 0.0)]
         assert first["active"]["weekly-batch/monday-shorts"] is False
         asyncio.run(turn_on_schedule("topic-to-video/weekday-city", "weekday-evenings"))
-        assert "kept schedule" in run(setup, setup_env)
+        # A person edits a scheduled video's topic in the UI, as the README says to.
+        edited = asyncio.run(
+            edit_parameters(
+                "topic-to-video/morning-nature",
+                topic="Neon rain on a night market, edited in the UI",
+            )
+        )
+        redeployed = run(setup, setup_env)
+        assert "kept schedule" in redeployed
+        assert "kept the parameters of morning-nature" in redeployed
+        assert asyncio.run(parameters_of("topic-to-video/morning-nature")) == edited
         second = asyncio.run(server_state())
         assert second["active"] == {**first["active"], "weekday-city/weekday-evenings": True}
         assert {k: v for k, v in second.items() if k != "active"} == {
@@ -166,7 +190,40 @@ def test_deployments_run_on_a_real_server_and_worker(
         assert asyncio.run(count_flow_runs()) == before
         assert simulator.snapshot()["total_requests"] == ledger["total_requests"]
 
-        # 6. The key is in nothing the server hands back...
+        # 6. Harmful inputs, as a new user sends them through the API: refused, 0 requests.
+        for parameters, named in (
+            ({"api_key": SECRET}, "api_key"),  # undeclared: the sealed schema refuses it
+            ({"schedule": {**SCHEDULE, "interval": 1e-6}}, "interval"),  # 41 checks a video
+        ):
+            with pytest.raises(PrefectHTTPStatusError) as refused:
+                asyncio.run(
+                    arun_deployment(
+                        "prompt-to-video/on-demand",
+                        parameters={"prompt": "A fox", **parameters},
+                        timeout=0,
+                    )
+                )
+            assert refused.value.response.status_code == 409, named
+            assert named in refused.value.response.text
+        assert asyncio.run(count_flow_runs()) == before
+        # The output folder is the worker's: the run exists, and fails at its first line.
+        for outside in ("../../etc", "/etc", "file:///var/tmp"):
+            escaped = asyncio.run(
+                arun_deployment(
+                    "prompt-to-video/on-demand",
+                    parameters={"prompt": "A fox", "output_dir": outside},
+                    timeout=120,
+                )
+            )
+            assert escaped.state is not None
+            assert escaped.state.is_failed(), outside
+            message = escaped.state.message or ""
+            assert "output_dir" in message, message
+            assert "outside the output folder" in message, message
+        assert simulator.snapshot()["total_requests"] == ledger["total_requests"]
+        assert not list(Path("/etc").glob("task_*.mp4"))
+
+        # 7. The key is in nothing the server hands back...
         stored = asyncio.run(everything_stored())
     assert SECRET not in stored
     # ...nor, once everything has stopped and flushed, in any file it wrote.
@@ -177,6 +234,8 @@ def test_deployments_run_on_a_real_server_and_worker(
     assert any("sora2-submissions" in path.parts for path in files)
     for path in files:
         assert SECRET.encode() not in path.read_bytes(), f"the key is in {path}"
+    # ...nor in the temporary folder of the worker that held it in its environment.
+    assert files_holding(SECRET, worker_tmp) == []
 
 
 def worker_log_tail(server: PrefectServer, name: str) -> str:
@@ -207,6 +266,20 @@ async def turn_on_schedule(deployment: str, slug: str) -> None:
         found = await client.read_deployment_by_name(deployment)
         schedule = next(s for s in found.schedules if s.slug == slug)
         await client.update_deployment_schedule(found.id, schedule.id, active=True)
+
+
+async def edit_parameters(deployment: str, **changed: Any) -> dict[str, Any]:
+    """Change some of a deployment's parameters, as the UI's edit form does."""
+    async with get_client() as client:
+        found = await client.read_deployment_by_name(deployment)
+        parameters = {**found.parameters, **changed}
+        await client.update_deployment(found.id, DeploymentUpdate(parameters=parameters))
+        return parameters
+
+
+async def parameters_of(deployment: str) -> dict[str, Any]:
+    async with get_client() as client:
+        return dict((await client.read_deployment_by_name(deployment)).parameters)
 
 
 async def read_flow_run(flow_run_id: UUID) -> FlowRun:

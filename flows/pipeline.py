@@ -287,7 +287,11 @@ async def _released_by_policy(store: SubmissionStore, record: SubmissionRecord) 
 
 @asynccontextmanager
 async def _kept_alive(store: SubmissionStore, key: str, token: str) -> AsyncIterator[None]:
-    """Renew this run's claim on ``key`` while it prepares and sends the submit."""
+    """Renew this run's claim on ``key`` while it prepares and sends the submit.
+
+    Through ``sending`` too: another run with the key then waits for this one's
+    answer instead of reporting an unknown outcome that is not (yet) unknown.
+    """
     ttl = claim_ttl()
 
     async def renew() -> None:
@@ -297,14 +301,14 @@ async def _kept_alive(store: SubmissionStore, key: str, token: str) -> AsyncIter
             try:
                 renewed = await store.update(
                     key,
-                    lambda r: r.state == "queued" and r.claim == token,
+                    lambda r: r.state in ("queued", "sending") and r.claim == token,
                     {"claimed_until": lease},
                 )
             except NanoPhotoError as error:  # the next renewal tries again
                 get_run_logger().warning("could not renew the claim on %s: %s", key, error)
                 continue
             if renewed is None:
-                return  # sending, or taken over: nothing left to renew
+                return  # submitted, refused, or taken over: nothing left to renew
 
     renewing = asyncio.create_task(renew())
     try:

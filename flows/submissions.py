@@ -132,6 +132,11 @@ async def submissions(
 
 
 async def _release(store: SubmissionStore, record: SubmissionRecord) -> SubmissionRecord:
+    if record.claimed_by_another(token=""):
+        raise ValueError(
+            f"idempotency_key: {record.key!r} is being submitted by flow run "
+            f"{record.flow_run_id} right now; wait for it"
+        )
     if record.state != "sending":
         raise ValueError(
             f"idempotency_key: {record.key!r} is {record.state}, not an unknown outcome: "

@@ -1,9 +1,11 @@
 """One lock per idempotency key, through Prefect's ``LockManager`` protocol.
 
-A run holds its key's lock from reading the key's record until the submit's
-outcome is recorded (``submitted``, ``refused``, or ``sending`` when it cannot
-be known), so two runs with one key never both send it: the second waits for
-the first's outcome, then resumes the same video.
+A run holds its key's lock for one read and one write of the key's record at
+a time (``tasks.submissions``): long enough to claim the key, or to change
+its state only if it is still what the run expects. Between those moments
+the claim (a lease the run renews while it prepares and sends the submit)
+keeps other runs waiting, so two runs with one key never both send it: the
+second waits for the first's outcome, then resumes the same video.
 
 Two lock managers:
 

@@ -124,12 +124,18 @@ class SubmissionRecord(BaseModel):
     possibly_charged_twice: bool = False  # an unknown outcome was sent again on purpose
     note: str = ""
     claim: str | None = None  # the run that claimed the key (a token), while queued or sending
-    claimed_until: datetime | None = None  # the claim's lease; renewed while queued
+    claimed_until: datetime | None = None  # the claim's lease; renewed while queued or sending
 
     def claimed_by_another(self, token: str) -> bool:
-        """A live claim of another run: it is preparing or sending this key's submit."""
+        """A live claim of another run: it is preparing or sending this key's submit.
+
+        A run renews its claim while it is alive, through ``sending`` too: a
+        ``sending`` record with a live claim is a submit on the wire whose answer
+        its run will record (wait for it); one whose claim ran out is an unknown
+        outcome (its run stopped, or could not tell).
+        """
         return (
-            self.state == "queued"
+            self.state in ("queued", "sending")
             and self.claim not in (None, token)
             and self.claimed_until is not None
             and self.claimed_until > datetime.now(UTC)
@@ -137,11 +143,14 @@ class SubmissionRecord(BaseModel):
 
     @property
     def unknown(self) -> bool:
-        """The last submit may have reached NanoPhoto and nobody knows how it ended."""
-        return self.state == "sending"
+        """The last submit may have reached NanoPhoto and nobody knows how it ended (a
+        submit still on the wire, its run alive, is not unknown yet)."""
+        return self.state == "sending" and not self.claimed_by_another("")
 
     def what_to_do(self) -> str:
         """The next step for a person, in a line."""
+        if self.state == "sending" and not self.unknown:
+            return f"being sent right now by flow run {self.flow_run_id}: wait for it"
         if self.state == "sending":
             return (
                 f"outcome unknown: look for a video made around {self.updated_at:%Y-%m-%d %H:%M} "

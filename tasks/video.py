@@ -19,6 +19,7 @@ top, which would multiply the attempts and cannot honour ``Retry-After``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -146,6 +147,10 @@ async def submit_video(record: SubmissionRecord, request: VideoRequest) -> Video
                 key, ours("queued", "sending"), {"state": "refused", "note": error.code}
             )
         else:
+            # The claim ends now: a run waiting for this answer learns at once that it is
+            # unknown (the record stays ``sending``: the ledger lists it).
+            with contextlib.suppress(NanoPhotoError):
+                await store.update(key, ours("sending"), {"claimed_until": datetime.now(UTC)})
             logger.error(
                 "the submit of idempotency key %s may have reached NanoPhoto (%s): it is "
                 "listed as an unknown outcome in the submissions ledger (sora2 submissions "

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import pytest
 from prefect import State
+from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
 from nanophoto.settings import NanoPhotoSettings
-from nanophoto_simulator import DEFAULT_KEY, Simulator
+from nanophoto_simulator import DEFAULT_KEY, Faults, Simulator
 
 MakeSimulator = Callable[..., Simulator]
+PROJECT: Final = Path(__file__).resolve().parents[1]
+# The shared request budget the Prefect tests' server gets: roomy, so each simulator's
+# own limit is the one that binds.
+SESSION_RATE_LIMIT: Final = 100_000
+# The soaks' fault mix (per request), and their seed: SORA2_SOAK_SEED replays a run.
+SOAK_FAULTS: Final = Faults(
+    internal_error=0.07,
+    gateway_error=0.07,
+    dropped_connection=0.07,
+    rate_limited=0.03,
+    truncated_stream=0.05,
+    generation_failed=0.10,
+    after_processing=0.5,
+)
+SOAK_SEED: Final = int(os.environ.get("SORA2_SOAK_SEED", "20261202"))
 
 
 def free_port() -> int:
@@ -60,3 +83,51 @@ async def exception_text(state: State[Any]) -> str:
     except Exception as error:
         return str(error)
     return ""
+
+
+def runner_env() -> dict[str, str]:
+    """This test session's Prefect server and result storage, for another process."""
+    return {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_LOCAL_STORAGE_PATH": str(PREFECT_LOCAL_STORAGE_PATH.value()),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+
+
+def spawn(
+    spec: dict[str, Any], started: list[subprocess.Popen[str]], **env: str
+) -> subprocess.Popen[str]:
+    """Start ``tests.prefect.runner`` with ``spec`` in a process group of its own."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.prefect.runner", json.dumps(spec)],
+        cwd=PROJECT,
+        env={**runner_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    started.append(process)
+    return process
+
+
+def lines_of(process: subprocess.Popen[str], timeout: float) -> list[dict[str, Any]]:
+    """The JSON lines a runner process printed, once it has ended."""
+    out, _ = process.communicate(timeout=timeout)
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+async def wait_for_state(key: str, states: set[str], within: float = 120) -> Any:
+    """The key's submission record, once it is in one of ``states``."""
+    from tasks.submissions import SubmissionStore
+
+    deadline = time.monotonic() + within
+    store = await SubmissionStore.default()
+    while time.monotonic() < deadline:
+        record = await store.read(key)
+        if record is not None and record.state in states:
+            return record
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{key} never reached {states}")

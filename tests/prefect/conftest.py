@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 from collections.abc import Iterator
-from typing import Final
 
 import pytest
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.settings import (
+    PREFECT_CLIENT_MAX_RETRIES,
+    PREFECT_LOCAL_STORAGE_PATH,
+    temporary_settings,
+)
 from prefect.testing.utilities import prefect_test_harness
 
 from nanophoto_simulator import Simulator
 from tasks.ratelimit import create_rate_limit
-from tests.helpers import MakeSimulator, use_simulator
-
-SESSION_RATE_LIMIT: Final = 100_000
+from tests.helpers import SESSION_RATE_LIMIT, MakeSimulator, use_simulator
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -40,3 +44,21 @@ def api(make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch) -> Simul
     simulator = make_simulator()
     use_simulator(simulator, monkeypatch)
     return simulator
+
+
+@pytest.fixture
+def patient_prefect_client() -> Iterator[None]:
+    """More retries of the harness server's 503s (SQLite busy), for the soaks."""
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 12}):
+        yield
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts (``tests.helpers.spawn``); killed if still running at its end."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)

@@ -20,8 +20,7 @@ from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import DEFAULT_KEY
 from nanophoto_simulator.server import Simulator
 from tasks.ratelimit import RATE_LIMIT_NAME, create_rate_limit
-from tests.helpers import MakeSimulator, use_simulator
-from tests.prefect.conftest import SESSION_RATE_LIMIT
+from tests.helpers import SESSION_RATE_LIMIT, MakeSimulator, use_simulator
 
 FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 

@@ -11,21 +11,16 @@ once, with two runs per key, under faults.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prefect import flow
-from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
 from flows.batch import BatchItem, batch_of_videos
 from flows.pipeline import SubmittedVideo, Watching, finish_and_record
@@ -37,9 +32,14 @@ from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import Simulator
 from tasks.submissions import ClaimLostError, SubmissionRecord, SubmissionStore, record_path
 from tasks.video import submit_video
-from tests.helpers import MakeSimulator, exception_text, use_simulator
+from tests.helpers import (
+    MakeSimulator,
+    exception_text,
+    spawn,
+    use_simulator,
+    wait_for_state,
+)
 
-PROJECT = Path(__file__).resolve().parents[2]
 FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 
 
@@ -59,60 +59,7 @@ def submits_per_prompt(simulator: Simulator) -> dict[str, int]:
 # soak's first two parts (test_concurrency_soak.py), under faults.
 
 
-def runner_env() -> dict[str, str]:
-    """This test session's Prefect server and result storage, for another process."""
-    return {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "PREFECT_LOCAL_STORAGE_PATH": str(PREFECT_LOCAL_STORAGE_PATH.value()),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-
-def spawn(
-    spec: dict[str, Any], started: list[subprocess.Popen[str]], **env: str
-) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.prefect.runner", json.dumps(spec)],
-        cwd=PROJECT,
-        env={**runner_env(), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    started.append(process)
-    return process
-
-
-def lines_of(process: subprocess.Popen[str], timeout: float) -> list[dict[str, Any]]:
-    out, _ = process.communicate(timeout=timeout)
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 # --- killed at each step ------------------------------------------------------------------
-
-
-async def wait_for_state(key: str, states: set[str], within: float = 120) -> Any:
-    deadline = time.monotonic() + within
-    store = await SubmissionStore.default()
-    while time.monotonic() < deadline:
-        record = await store.read(key)
-        if record is not None and record.state in states:
-            return record
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{key} never reached {states}")
 
 
 async def test_killed_while_queued_for_a_slot_nothing_was_sent_and_a_rerun_submits_once(
@@ -162,6 +109,17 @@ async def test_killed_while_the_submit_was_on_the_wire_is_an_unknown_that_resolv
     assert key in {r.key for r in ledger.records if r.unknown}
     # The person finds the task in their NanoPhoto account and resolves the key with it.
     task_id = api.snapshot()["tasks"][0]["task_id"]
+    # A check that is rate limited cannot vouch for the task id: the key stays unknown.
+    api.queue_fault("check-status", "rate_limited")
+    unchecked = await submissions(
+        action="resolve", idempotency_key=key, task_id=task_id, return_state=True
+    )
+    assert unchecked.is_failed()
+    assert "RATE_LIMIT" in await exception_text(unchecked)
+    record = await (await SubmissionStore.default()).read(key)
+    assert record is not None
+    assert record.state == "sending"
+    assert record.task_id is None
     resolved = await submissions(
         action="resolve", idempotency_key=key, task_id=task_id, output_dir=str(tmp_path)
     )
@@ -170,6 +128,27 @@ async def test_killed_while_the_submit_was_on_the_wire_is_an_unknown_that_resolv
     again = await prompt_to_video(prompt=prompt, output_dir=str(tmp_path), idempotency_key=key)
     assert again.task_id == task_id
     assert submits_per_prompt(api) == {prompt: 1}
+
+
+async def test_a_twin_that_finds_the_submit_on_the_wire_waits_for_its_answer(
+    api: Simulator, tmp_path: Path
+) -> None:
+    """Not a false unknown: the first run is alive and will record its answer."""
+    key = fresh("twin-wire")
+    prompt = "twin wire: a heron in fog"
+    # The answer comes 10 s late here: longer than a claim lives unless its run renews it.
+    api.config.faults = api.config.faults.model_copy(update={"stall_seconds": 1000})
+    api.queue_fault("generate", "slow_answer")
+    first = asyncio.create_task(
+        prompt_to_video(prompt=prompt, idempotency_key=key, output_dir=str(tmp_path))
+    )
+    await wait_for_state(key, {"sending"})
+    second = await prompt_to_video(prompt=prompt, idempotency_key=key, output_dir=str(tmp_path))
+    result = await first
+    assert second.task_id == result.task_id
+    assert submits_per_prompt(api) == {prompt: 1}
+    ledger = await submissions(action="list")
+    assert key not in {r.key for r in ledger.records if r.unknown}
 
 
 async def test_killed_while_watching_the_rerun_resumes_the_same_task(

@@ -26,12 +26,10 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from flows.batch import BatchItem, batch_of_videos
 from flows.submissions import submissions
@@ -39,31 +37,20 @@ from flows.video import prompt_to_video
 from nanophoto.errors import NanoPhotoError
 from nanophoto_simulator import DEFAULT_KEY, Faults, Simulator
 from tasks.submissions import SubmissionStore
-from tests.helpers import MakeSimulator, use_simulator
-from tests.prefect.test_concurrency import lines_of, spawn, wait_for_state
-from tests.prefect.test_soak import FAULTS, SEED
+from tests.helpers import (
+    SOAK_FAULTS,
+    SOAK_SEED,
+    MakeSimulator,
+    lines_of,
+    spawn,
+    use_simulator,
+    wait_for_state,
+)
 
 TWINS_HERE = 25
 TWINS_ACROSS = 25
 KILLED = 5
 BATCH = 12
-
-
-@pytest.fixture
-def patient_prefect_client() -> Iterator[None]:
-    """More retries of the harness server's 503s (SQLite busy), for this test only."""
-    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 12}):
-        yield
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 async def run_state(prompt: str, key: str, output: Path | None) -> dict[str, Any]:
@@ -91,10 +78,10 @@ async def test_keys_started_twice_killed_and_rerun_never_pay_twice_nor_lose_a_vi
 ) -> None:
     sim = make_simulator(
         generation_seconds=(120, 180),
-        faults=FAULTS,
+        faults=SOAK_FAULTS,
         rate_limit=100_000,
         keys={DEFAULT_KEY: 10**6},
-        seed=SEED,
+        seed=SOAK_SEED,
     )
     use_simulator(sim, monkeypatch)
     tag = uuid.uuid4().hex[:6]
@@ -186,7 +173,7 @@ async def test_keys_started_twice_killed_and_rerun_never_pay_twice_nor_lose_a_vi
     assert all(by_key[k].get("code") == "SUBMIT_OUTCOME_UNKNOWN" for k, _ in wire), reruns
 
     # 4. A batch under faults, then rerun reversed: every delivered item costs nothing.
-    sim.set_faults(FAULTS)
+    sim.set_faults(SOAK_FAULTS)
     topics = [f"csoak {tag} batch {i:02d}: lanterns on a canal" for i in range(BATCH)]
     batch_key = f"csoak-{tag}-batch"
     charged_before = sim.snapshot()["credits"][DEFAULT_KEY]
@@ -221,7 +208,7 @@ async def test_keys_started_twice_killed_and_rerun_never_pay_twice_nor_lose_a_vi
     assert sim.snapshot()["total_requests"] == requests
 
     # The ledger's verdict over everything.
-    figures = await _assert_nothing_paid_twice_nor_lost(sim, prompts, delivered, wire)
+    figures = await _assert_nothing_paid_twice_nor_lost(sim, prompts, delivered, wire, outcomes)
     codes: dict[str, int] = {}
     for line in outcomes:
         name = line.get("code") or line["state"]
@@ -229,7 +216,7 @@ async def test_keys_started_twice_killed_and_rerun_never_pay_twice_nor_lose_a_vi
     print(
         f"concurrency soak: {len(prompts)} keys, {len(outcomes)} runs finished "
         f"(+{3 * KILLED} killed), {time.monotonic() - started:.0f} s; run outcomes {codes}; "
-        f"{figures}; seed {SEED}"
+        f"{figures}; seed {SOAK_SEED}"
     )
 
 
@@ -261,6 +248,7 @@ async def _assert_nothing_paid_twice_nor_lost(
     prompts: dict[str, str],
     delivered: dict[str, set[str]],
     wire: list[tuple[str, str]],
+    outcomes: list[dict[str, Any]],
 ) -> dict[str, int]:
     deadline = time.monotonic() + 60
     while any(t["status"] == "processing" for t in sim.snapshot()["tasks"]):
@@ -292,4 +280,13 @@ async def _assert_nothing_paid_twice_nor_lost(
                 assert key in unknown_listed, f"{key}: paid {task['task_id']}, not delivered"
                 figures["paid, listed unknown"] += 1
     assert {k for k, _ in wire} <= unknown_listed
+    # No run said "unknown" of a key whose submit was known in the end (a twin that
+    # found the other run's submit on the wire waits for its answer instead).
+    for line in outcomes:
+        if line.get("code") == "SUBMIT_OUTCOME_UNKNOWN":
+            final = records[line["key"]]
+            state = final.state if final is not None else "absent"
+            if state != "sending":
+                figures["false unknowns"] += 1
+            assert state == "sending", f"{line['key']}: reported unknown, but it ended {state}"
     return figures

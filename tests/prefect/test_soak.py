@@ -33,48 +33,29 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect import State
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from flows.video import topic_to_video
 from nanophoto.contract import PROMPT_COST
 from nanophoto.errors import NanoPhotoError
 from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import DEFAULT_KEY, Faults
-from tests.helpers import MakeSimulator, use_simulator
+from tests.helpers import SOAK_FAULTS, SOAK_SEED, MakeSimulator, use_simulator
 
 VIDEOS = 60
 # The test harness's SQLite server answers 503 (database locked) when many runs
 # write at once: 5 at a time, and more client retries, keep it about our code.
 CONCURRENCY = 5
-FAULTS = Faults(
-    internal_error=0.07,
-    gateway_error=0.07,
-    dropped_connection=0.07,
-    rate_limited=0.03,
-    truncated_stream=0.05,
-    generation_failed=0.10,
-    after_processing=0.5,
-)
 # Codes a first-pass run may fail with. Before any submit: the prompt's retries ran
 # out, or the submit was refused for sure (429s). After it: the video failed, or the
 # submit's outcome is unknown.
 BEFORE_SUBMIT = {"INTERNAL_ERROR", "GATEWAY_ERROR", "CONNECTION_DROPPED", "TIMEOUT"}
 BEFORE_SUBMIT |= {"API_KEY_RATE_LIMIT_EXCEEDED", "CONNECT_ERROR"}
 EXPECTED_FAILURES = {"GENERATION_FAILED", "SUBMIT_OUTCOME_UNKNOWN", *BEFORE_SUBMIT}
-SEED = int(os.environ.get("SORA2_SOAK_SEED", "20261202"))
-
-
-@pytest.fixture
-def patient_prefect_client() -> Iterator[None]:
-    """More retries of the harness server's 503s (SQLite busy), for this test only."""
-    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 12}):
-        yield
 
 
 @pytest.mark.timeout(600)
@@ -82,15 +63,15 @@ def patient_prefect_client() -> Iterator[None]:
 async def test_sixty_videos_under_faults_are_paid_once_and_accounted_for(
     make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    assert FAULTS.internal_error + FAULTS.gateway_error >= 0.10
-    assert FAULTS.dropped_connection >= 0.05
-    print(f"\nsoak seed {SEED} (replay: SORA2_SOAK_SEED={SEED})")
+    assert SOAK_FAULTS.internal_error + SOAK_FAULTS.gateway_error >= 0.10
+    assert SOAK_FAULTS.dropped_connection >= 0.05
+    print(f"\nsoak seed {SOAK_SEED} (replay: SORA2_SOAK_SEED={SOAK_SEED})")
     sim = make_simulator(
         generation_seconds=(120, 240),
-        faults=FAULTS,
+        faults=SOAK_FAULTS,
         rate_limit=100_000,
         keys={DEFAULT_KEY: 10**6},
-        seed=SEED,
+        seed=SOAK_SEED,
     )
     use_simulator(sim, monkeypatch)
     schedule = WatchSchedule()  # compressed by NANOPHOTO_TIME_SCALE
@@ -132,7 +113,7 @@ async def test_sixty_videos_under_faults_are_paid_once_and_accounted_for(
         except Exception as error:  # an unhandled exception: the soak fails
             pytest.fail(f"video {index} failed with {type(error).__name__}: {error}")
     print(f"soak outcomes: {outcomes}")
-    assert set(failed_codes.values()) <= EXPECTED_FAILURES, f"seed {SEED}"
+    assert set(failed_codes.values()) <= EXPECTED_FAILURES, f"seed {SOAK_SEED}"
     assert len(completed) >= VIDEOS // 2
 
     # Let every submitted task reach its final state at the simulator.
@@ -160,7 +141,7 @@ async def test_sixty_videos_under_faults_are_paid_once_and_accounted_for(
         if code == "GENERATION_FAILED":
             assert by_video[index][0]["status"] == "failed"
         elif code in BEFORE_SUBMIT:  # the ledger agrees: nothing was submitted
-            assert index not in by_video, f"video {index} ({code}) was submitted; seed {SEED}"
+            assert index not in by_video, f"video {index} ({code}) was submitted; seed {SOAK_SEED}"
 
     # Every submitted task ended in a final state.
     assert {t["status"] for t in ledger["tasks"]} <= {"completed", "failed"}
@@ -204,7 +185,9 @@ async def test_sixty_videos_under_faults_are_paid_once_and_accounted_for(
         index = int(task["prompt_head"].split(":")[0].removeprefix("soak video "))
         after[index] = after.get(index, 0) + 1
     for index, state in enumerate(again):
-        where = f"video {index} (first pass: {failed_codes.get(index, 'completed')}; seed {SEED})"
+        where = (
+            f"video {index} (first pass: {failed_codes.get(index, 'completed')}; seed {SOAK_SEED})"
+        )
         if index in completed:
             assert state.is_completed(), where
             assert (await state.aresult()).task_id == completed[index].task_id, where

@@ -112,43 +112,87 @@ class PrefectRequestBudget:
                     failures = await self._pause_after_failure(failures, error)
             poll = min(max(self.window / limit / 4, 0.02), 5.0)
             take = min(count, limit)
-            full_since: float | None = None
-            failures = 0
-            while count > 0:
-                take = min(take, count)
-                try:
-                    async with self._calls:
-                        response = await client.increment_concurrency_slots_with_lease(
-                            names=[self.name],
-                            slots=take,
-                            mode="concurrency",
-                            lease_duration=max(self.window, _MIN_LEASE_S) + 5.0,
-                        )
-                except httpx.HTTPStatusError as error:
-                    if error.response.status_code == 423:  # slots = requests of the last hour
-                        now = time.monotonic()
-                        full_since = full_since or now
-                        if now - full_since > self.stuck_after:
-                            raise self._stuck() from None
-                        take = 1  # never wait for several slots at once: others take them
-                        await asyncio.sleep(poll)
-                        continue
-                    if error.response.status_code < 500:
-                        raise
-                    failures = await self._pause_after_failure(failures, error)
+            # Each slot's window starts when its request goes out: once every slot of
+            # this batch is in, not when the first was granted (a batch taken one slot
+            # at a time from a full limit may take a while, and its first slot's window
+            # would end before its request's does on NanoPhoto's side).
+            taken: list[tuple[UUID, float]] = []  # each lease, and when it was granted
+            try:
+                await self._take(client, count, take, poll, taken)
+                await self._renew_early_ones(client, taken)
+            except BaseException:
+                self._release_later([lease for lease, _ in taken], after=0.0)  # never used
+                raise
+            self._release_later([lease for lease, _ in taken], after=self.window)
+
+    async def _take(
+        self,
+        client: PrefectClient,
+        count: int,
+        take: int,
+        poll: float,
+        taken: list[tuple[UUID, float]],
+    ) -> None:
+        """Lease ``count`` slots into ``taken``, ``take`` at a time while they fit."""
+        full_since: float | None = None
+        failures = 0
+        while count > 0:
+            take = min(take, count)
+            try:
+                async with self._calls:
+                    response = await client.increment_concurrency_slots_with_lease(
+                        names=[self.name],
+                        slots=take,
+                        mode="concurrency",
+                        lease_duration=self._lease_duration,
+                    )
+            except httpx.HTTPStatusError as error:
+                if error.response.status_code == 423:  # slots = requests of the last hour
+                    now = time.monotonic()
+                    full_since = full_since or now
+                    if now - full_since > self.stuck_after:
+                        raise self._stuck() from None
+                    take = 1  # never wait for several slots at once: others take them
+                    await asyncio.sleep(poll)
                     continue
-                except httpx.TransportError as error:
-                    failures = await self._pause_after_failure(failures, error)
-                    continue
-                full_since, failures = None, 0
-                answer = response.json()
-                lease_id = UUID(answer["lease_id"])
-                if not answer.get("limits"):  # deleted since we read it
-                    await client.release_concurrency_slots_with_lease(lease_id)
-                    self._limit = None
-                    raise self._missing()
-                self._release_later(lease_id)
-                count -= take
+                if error.response.status_code < 500:
+                    raise
+                failures = await self._pause_after_failure(failures, error)
+                continue
+            except httpx.TransportError as error:
+                failures = await self._pause_after_failure(failures, error)
+                continue
+            full_since, failures = None, 0
+            answer = response.json()
+            lease_id = UUID(answer["lease_id"])
+            if not answer.get("limits"):  # deleted since we read it
+                await client.release_concurrency_slots_with_lease(lease_id)
+                self._limit = None
+                raise self._missing()
+            taken.append((lease_id, time.monotonic()))
+            count -= take
+
+    @property
+    def _lease_duration(self) -> float:
+        """A lease outlives our release of it by a little; the server revokes it itself
+        that long after its process died."""
+        return max(self.window, _MIN_LEASE_S) + 5.0
+
+    async def _renew_early_ones(
+        self, client: PrefectClient, taken: list[tuple[UUID, float]]
+    ) -> None:
+        """Leases granted a while before the batch was whole: their time starts again now,
+        so none is revoked by the server before we release it, a window from now."""
+        now = time.monotonic()
+        for lease_id, granted in taken:
+            if now - granted < 1.0:
+                continue
+            try:
+                async with self._calls:
+                    await client.renew_concurrency_lease(lease_id, self._lease_duration)
+            except (httpx.TransportError, httpx.HTTPStatusError) as error:
+                # The lease then ends up to the batch's wait early: rare, and logged.
+                _logger.warning("could not renew lease %s: %s", lease_id, error)
 
     async def _pause_after_failure(self, failures: int, error: Exception) -> int:
         """Back off after a failed call to the Prefect API; give up after a few."""
@@ -191,17 +235,22 @@ class PrefectRequestBudget:
             "`make deploy` (python -m deployments.setup). Nothing was sent."
         )
 
-    def _release_later(self, lease_id: UUID) -> None:
+    def _release_later(self, lease_ids: list[UUID], *, after: float) -> None:
+        """Release these leases ``after`` seconds from now (one timer for all)."""
+        if not lease_ids:
+            return
+
         async def release() -> None:
-            await asyncio.sleep(self.window)
-            try:
-                async with self._calls, get_client() as client:
-                    await client.release_concurrency_slots_with_lease(lease_id)
-            except Exception as error:  # the lease then expires on its own
-                _logger.debug("could not release lease %s: %s", lease_id, error)
+            await asyncio.sleep(after)
+            for lease_id in lease_ids:
+                try:
+                    async with self._calls, get_client() as client:
+                        await client.release_concurrency_slots_with_lease(lease_id)
+                except Exception as error:  # the lease then expires on its own
+                    _logger.debug("could not release lease %s: %s", lease_id, error)
 
         task = asyncio.create_task(
-            release(), name=f"release-{lease_id}", context=_own_client_context()
+            release(), name=f"release-{lease_ids[0]}", context=_own_client_context()
         )
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)

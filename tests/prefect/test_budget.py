@@ -49,6 +49,28 @@ async def test_a_full_limit_waits_for_a_slot_instead_of_failing(small_limit: str
     assert time.monotonic() - filled_at >= window
 
 
+async def test_a_batch_of_slots_taken_one_at_a_time_starts_its_window_when_it_is_whole(
+    small_limit: str,
+) -> None:
+    """Slot windows start when the requests go out, which is when the batch is whole.
+
+    A worker that needs 2 slots from a full limit gets them one at a time; its
+    requests leave once it has both. Were the first slot's window counted from
+    its own grant, it would come free a window after that, while its request's
+    hour on NanoPhoto's side runs later: a third request would fit in the limit
+    and be a 429 at NanoPhoto. Two budgets stand for two workers on two hosts.
+    """
+    window = 3.0
+    other, batch, third = (PrefectRequestBudget(small_limit, window=window) for _ in "abc")
+    await other.acquire(1)
+    await asyncio.sleep(window / 2)
+    await other.acquire(1)  # the limit is full; its slots come free half a window apart
+    await asyncio.wait_for(batch.acquire(2), timeout=60)
+    whole_at = time.monotonic()  # the batch's two requests go out now
+    await asyncio.wait_for(third.acquire(1), timeout=60)
+    assert time.monotonic() - whole_at >= window
+
+
 async def test_a_limit_stuck_full_stops_the_request_with_what_to_do(small_limit: str) -> None:
     """Slots held by leases nobody releases (a server that lost them): no endless wait."""
     async with get_client() as client:

@@ -6,8 +6,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 PREFECT := $(VENV)/bin/prefect
 PREFECT_PORT ?= 4200
+# Flow runs one worker takes at a time: several workers then share a pool's runs.
+WORKER_LIMIT ?= 4
 
-.PHONY: demo test unit lint bench sim server deploy worker serve clean
+.PHONY: demo test unit lint bench sim server deploy worker serve cluster-up cluster-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,13 +44,20 @@ server: $(VENV)/.installed ## A local Prefect server with its UI on http://127.0
 deploy: $(VENV)/.installed ## Prepare the configured Prefect server and deploy prefect.yaml (idempotent).
 	$(PY) -m deployments.setup $(ARGS)
 
-worker: $(VENV)/.installed ## A process worker for the sora2-process pool.
+worker: $(VENV)/.installed ## A process worker for the sora2-process pool, WORKER_LIMIT runs at a time.
 	$(PY) -c "from deployments.setup import require_api_url; require_api_url()"
 	# The flow runs' `python` is this project's (the pool's command is `python -m prefect.engine`).
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PREFECT) worker start --pool sora2-process --type process
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PREFECT) worker start --pool sora2-process --type process \
+		--limit $(WORKER_LIMIT)
+
+cluster-up: $(VENV)/.installed ## Prefect's production topology here: PostgreSQL, Redis, 2 APIs, services.
+	$(PY) -m deployments.cluster up $(ARGS)
+
+cluster-down: ## Stop every process of the cluster and remove its data.
+	$(PY) -m deployments.cluster down $(ARGS)
 
 serve: $(VENV)/.installed ## No work pool: serve every flow from this one process.
 	$(PY) -m deployments.serve
 
 clean:
-	rm -rf $(VENV) .prefect videos .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .prefect .cluster videos .pytest_cache .mypy_cache .ruff_cache

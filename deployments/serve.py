@@ -8,11 +8,12 @@ you press Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from prefect.runner import Runner
 
-from deployments.setup import require_api_url, seal_parameter_schemas
+from deployments.setup import HEARTBEAT_S, require_api_url, seal_parameter_schemas
 from flows import batch_of_videos, prompt_to_video, resume_video, submissions, topic_to_video
 from tasks.credentials import NanoPhotoCredentials
 
@@ -39,6 +40,9 @@ async def serve() -> None:
 def main() -> int:
     """Serve until interrupted."""
     require_api_url()
+    # Heartbeats as often as the pool's flow runs send them: the zombie automation takes a
+    # run whose heartbeats stop for HEARTBEAT_TIMEOUT_S as crashed.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
     asyncio.run(serve())
     return 0
 

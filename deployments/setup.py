@@ -12,7 +12,8 @@ turned on stay on). It talks to the server your Prefect settings name
 4. the global concurrency limit ``nanophoto-api``: the key's requests per
    hour, shared by every run and worker (``--rate-limit``, default
    ``NANOPHOTO_RATE_LIMIT`` or 100);
-5. the zombie-run automation from ``deployments/automations.yaml``;
+5. the automations from ``deployments/automations.yaml``: a run whose heartbeats
+   stop (its worker killed) is marked Crashed, and a crashed run is retried;
 6. every deployment in ``prefect.yaml``, without prompting; then the schedules'
    on/off states and the parameters people changed in the UI since the last
    deploy are put back, and undeclared parameters are refused (sealed schemas).
@@ -77,12 +78,20 @@ def require_api_url() -> str:
 # behind. With a command it starts the engine directly and writes no such file. `python`
 # is the project's: `make worker` puts .venv/bin first on the PATH.
 FLOW_RUN_COMMAND: Final = "python -m prefect.engine"
+# A flow run sends a heartbeat every HEARTBEAT_S seconds (Prefect's default is 180; 30 is
+# its minimum); one whose heartbeats stop for HEARTBEAT_TIMEOUT_S (its worker was killed,
+# its machine lost) is marked Crashed and retried: a killed worker's runs hold their
+# deployment's slots for about two minutes, not ten.
+HEARTBEAT_S: Final = 30
+HEARTBEAT_TIMEOUT_S: Final = 90.0
+FLOW_RUN_ENV: Final = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
 
 
 def job_template() -> dict[str, Any]:
     """Prefect's process job template, with our flow-run command as its default."""
     template = ProcessWorker.get_default_base_job_template()
     template["variables"]["properties"]["command"]["default"] = FLOW_RUN_COMMAND
+    template["variables"]["properties"]["env"]["default"] = dict(FLOW_RUN_ENV)
     return template
 
 
@@ -98,15 +107,23 @@ async def ensure_work_pool() -> None:
         except ObjectAlreadyExists:
             pool = await client.read_work_pool(WORK_POOL)
             kept = pool.base_job_template or {}
-            command = kept.get("variables", {}).get("properties", {}).get("command")
             if not kept:
                 await client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=template))
                 say(f"work pool {WORK_POOL} exists; gave it our job template ({FLOW_RUN_COMMAND})")
-            elif isinstance(command, dict) and command.get("default") is None:
-                # Only the command: every other edit a person made to the template stays.
+                return
+            # Only our two fields, and only when unset: every other edit a person made stays.
+            fields = kept.get("variables", {}).get("properties", {})
+            changed = []
+            command, env = fields.get("command"), fields.get("env")
+            if isinstance(command, dict) and command.get("default") is None:
                 command["default"] = FLOW_RUN_COMMAND
+                changed.append(f"flow-run command {FLOW_RUN_COMMAND}")
+            if isinstance(env, dict) and not set(FLOW_RUN_ENV) <= set(env.get("default") or {}):
+                env["default"] = {**FLOW_RUN_ENV, **(env.get("default") or {})}
+                changed.append(f"heartbeats every {HEARTBEAT_S} s")
+            if changed:
                 await client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=kept))
-                say(f"work pool {WORK_POOL} exists; its flow-run command is now {FLOW_RUN_COMMAND}")
+                say(f"work pool {WORK_POOL} exists; now with {' and '.join(changed)}")
             else:
                 say(f"work pool {WORK_POOL} already exists")
 
@@ -138,25 +155,35 @@ async def ensure_credentials(store_key: bool, block_name: str) -> None:
     say(f"saved the key in block nanophoto-credentials/{block_name}")
 
 
-async def ensure_zombie_automation() -> None:
-    """Crash runs whose heartbeats stop; created once, updated when the file changes."""
+def automations(heartbeat_timeout: float) -> list[AutomationCore]:
+    """The automations of ``deployments/automations.yaml``; a run whose heartbeats stop
+    for ``heartbeat_timeout`` seconds is a zombie."""
     document: dict[str, Any] = yaml.safe_load(
         (PROJECT_DIR / "deployments" / "automations.yaml").read_text(encoding="utf-8")
     )
-    spec = next(a for a in document["automations"] if a["name"] == ZOMBIE_AUTOMATION)
-    wanted = AutomationCore.model_validate(spec)
+    found = []
+    for spec in document["automations"]:
+        if spec["name"] == ZOMBIE_AUTOMATION:
+            spec["trigger"]["within"] = heartbeat_timeout
+        found.append(AutomationCore.model_validate(spec))
+    return found
+
+
+async def ensure_automations(heartbeat_timeout: float) -> None:
+    """Create each automation once; update it when the file (or the time-out) changed."""
     async with get_client() as client:
-        existing = await client.read_automations_by_name(ZOMBIE_AUTOMATION)
-        if not existing:
-            await client.create_automation(wanted)
-            say(f"created automation {ZOMBIE_AUTOMATION}")
-            return
-        current = AutomationCore.model_validate(existing[0].model_dump())
-        if current.model_dump(mode="json") != wanted.model_dump(mode="json"):
-            await client.update_automation(existing[0].id, wanted)
-            say(f"updated automation {ZOMBIE_AUTOMATION}")
-        else:
-            say(f"automation {ZOMBIE_AUTOMATION} already up to date")
+        for wanted in automations(heartbeat_timeout):
+            existing = await client.read_automations_by_name(wanted.name)
+            if not existing:
+                await client.create_automation(wanted)
+                say(f"created automation {wanted.name}")
+                continue
+            current = AutomationCore.model_validate(existing[0].model_dump())
+            if current.model_dump(mode="json") != wanted.model_dump(mode="json"):
+                await client.update_automation(existing[0].id, wanted)
+                say(f"updated automation {wanted.name}")
+            else:
+                say(f"automation {wanted.name} already up to date")
 
 
 async def schedule_states() -> dict[tuple[UUID, str], bool]:
@@ -272,7 +299,7 @@ async def prepare(args: argparse.Namespace) -> None:
     await ensure_project_variable()
     await ensure_credentials(args.store_key, args.block_name)
     say(await create_rate_limit(args.rate_limit, reset=args.reset_rate_limit))
-    await ensure_zombie_automation()
+    await ensure_automations(args.heartbeat_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="free every slot of the limit (after restarting a server that keeps leases "
         "in memory; only when no run is using the key)",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=HEARTBEAT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a run whose heartbeats stop this long is marked Crashed, then retried "
+        f"(default: %(default)g; its heartbeats come every {HEARTBEAT_S} s)",
     )
     parser.add_argument("--no-deploy", action="store_true", help="prepare only")
     parser.add_argument(

@@ -30,7 +30,13 @@ from pydantic import (
 )
 
 from flows.forms import described
-from flows.pipeline import Spend, Watching, earlier_outcome, make_video_once
+from flows.pipeline import (
+    Spend,
+    Watching,
+    earlier_outcome,
+    make_video_once,
+    refuse_crash_loop,
+)
 from flows.video import RESULTS
 from nanophoto.contract import TOPIC_MAX_CHARS
 from nanophoto.errors import NanoPhotoError, SubmitOutcomeUnknownError
@@ -220,6 +226,7 @@ async def batch_of_videos(
         or why it failed or was skipped).
     """
     logger = get_run_logger()
+    refuse_crash_loop()
     if not items:
         raise ValueError("items: give at least one topic or prompt")
     if credit_budget is not None and credit_budget < 0:

@@ -21,8 +21,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 from prefect import get_run_logger
+from prefect.runtime import flow_run
 
 from nanophoto.contract import PROCESSING, PROMPT_COST
 from nanophoto.errors import (
@@ -72,6 +74,23 @@ from tasks.video import (
 
 # (task id, submitted at) -> when to make each check of that video
 PlanFactory = Callable[[str, float], CheckPlan]
+# A flow run is started again by the UI's Retry button and by the retry-crashed-video-runs
+# automation (deployments/automations.yaml); one started more often than this keeps
+# crashing for a reason a retry does not fix.
+MAX_RUN_COUNT: Final = 4
+
+
+def refuse_crash_loop() -> None:
+    """Stop, at a run's first line, a flow run that was started more than MAX_RUN_COUNT
+    times: its attempts keep crashing, and scheduling it again would loop for ever."""
+    count = int(flow_run.run_count or 0)
+    if count > MAX_RUN_COUNT:
+        raise RuntimeError(
+            f"this flow run was started {count} times (its earlier attempts crashed or were "
+            f"retried); it stops here, after {MAX_RUN_COUNT}, sending nothing. See why in the "
+            "worker's log, then start a new run: the same idempotency_key (or batch_key) "
+            "resumes what was already paid for"
+        )
 
 
 def on_our_clock(schedule: WatchSchedule) -> WatchSchedule:
@@ -163,6 +182,7 @@ async def make_video_once(
     price is at most ``resubmit_unknown_up_to`` credits: then it is, and the
     video is reported as possibly charged twice.
     """
+    refuse_crash_loop()
     spend = spend if spend is not None else Spend()
     store = await SubmissionStore.default()
     print_ = fingerprint(job)

@@ -27,6 +27,7 @@ from flows.pipeline import (
     finish_video,
     make_video_once,
     on_our_clock,
+    refuse_crash_loop,
 )
 from nanophoto.contract import (
     PROCESSING,
@@ -162,6 +163,7 @@ async def resume_video(
     Returns:
         The task id, video URL and file, credits used and stage timings.
     """
+    refuse_crash_loop()
     video = SubmittedVideo(
         status=VideoStatus(task_id=task_id, status=PROCESSING), submitted_at=time.monotonic()
     )

@@ -1,11 +1,13 @@
 """A worker killed with SIGKILL while a video is watched: the retried run resumes it.
 
-The flow run is retried the way the UI's Retry button does it (AwaitingRetry,
-same flow run id), a new worker picks it up, finds the submission record of
-its idempotency key (derived from that id) and watches the same task to the
-end. The simulator's ledger shows one submit. The workers hold the key in
-their environment, and the kill leaves it in no file of their temporary
-folder or of PREFECT_HOME.
+Nobody steps in: the run's heartbeats stop, the ``crash-zombie-video-runs``
+automation marks it Crashed within the bound ``make deploy`` set (here 60 s
+without a heartbeat; 90 s by default), ``retry-crashed-video-runs`` schedules
+the same flow run again (AwaitingRetry), another worker picks it up, finds the
+submission record of its idempotency key (derived from the flow run's id) and
+watches the same task to the end. The simulator's ledger shows one submit.
+The workers hold the key in their environment, and the kill leaves it in no
+file of their temporary folder or of PREFECT_HOME.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from uuid import UUID
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import StateType
 from prefect.deployments import arun_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.states import AwaitingRetry
 
 from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
 from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env, files_holding
 
 KEY = "np-crash-test-key"
+ZOMBIE_S = 60  # seconds without a heartbeat before the run is marked Crashed
 # NanoPhoto's seconds; the workers' NANOPHOTO_TIME_SCALE runs them 100 times faster.
 SCHEDULE = {"initial_delay": 120, "interval": 20, "max_wait": 3000, "expected_generation": 600}
 WORKER = [str(BIN / "prefect"), "worker", "start", "--pool", "sora2-process", "--type", "process"]
@@ -80,7 +83,7 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
         "NANOPHOTO_TIME_SCALE": "0.01",
     }
     done = subprocess.run(
-        [str(BIN / "python"), "-m", "deployments.setup"],
+        [str(BIN / "python"), "-m", "deployments.setup", "--heartbeat-timeout", str(ZOMBIE_S)],
         cwd=PROJECT_DIR,
         env=env,
         capture_output=True,
@@ -112,17 +115,26 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         first.wait(timeout=10)
+        killed_at = time.monotonic()
         wait_until(lambda: not processes_of_flow_run(flow_run.id), "the kill", 10)
         checks_at_kill = simulator.snapshot()["tasks"][0]["status_checks"]
         left_by_the_kill = files_holding(KEY, worker_tmp, prefect_server.home)
 
-        # Retry the run, as the UI's Retry button does, and give it a new worker.
-        asyncio.run(_retry(flow_run.id))
+        # Another worker; the automations crash the run and schedule it again.
         prefect_server.start(WORKER, prefect_server.home / "worker-2.log", worker_env)
-        state = asyncio.run(_wait_for_final(flow_run.id, within=180))
-        assert state is not None
-        assert state.is_completed(), (prefect_server.home / "worker-2.log").read_text()[-3000:]
+        # Crashed is brief: the retry automation schedules the run again at once.
+        crashed = asyncio.run(_wait_for_named(flow_run.id, "Crashed", within=ZOMBIE_S + 120))
+        assert crashed, "the zombie automation never marked the run Crashed"
+        crashed_after = time.monotonic() - killed_at
+        state = asyncio.run(_wait_for(flow_run.id, StateType.COMPLETED, within=240))
+        assert state is not None, (prefect_server.home / "worker-2.log").read_text()[-3000:]
+        history = asyncio.run(_state_names(flow_run.id))
         logs = asyncio.run(_logs(flow_run.id))
+    # Killed, Crashed after the heartbeats stopped, scheduled again by the automation.
+    assert history.index("Crashed") < history.index("AwaitingRetry") < len(history) - 1, history
+    # A heartbeat every 30 s; the automation allows ZOMBIE_S without one.
+    assert crashed_after <= ZOMBIE_S + 30 + 60, crashed_after
+    print(f"\ncrash: marked Crashed {crashed_after:.0f} s after the kill (bound {ZOMBIE_S} s)")
 
     ledger = simulator.snapshot()
     assert ledger["submits"] == 1
@@ -136,20 +148,33 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
     assert files_holding(KEY, worker_tmp, prefect_server.home) == []
 
 
-async def _retry(flow_run_id: UUID) -> None:
-    async with get_client() as client:
-        await client.set_flow_run_state(flow_run_id, AwaitingRetry(), force=True)
-
-
-async def _wait_for_final(flow_run_id: UUID, within: float) -> Any:
+async def _wait_for(flow_run_id: UUID, kind: StateType, within: float) -> Any:
+    """The run's state once it is of ``kind`` (None if it never was within the time)."""
     deadline = time.monotonic() + within
     async with get_client() as client:
         while time.monotonic() < deadline:
             run = await client.read_flow_run(flow_run_id)
-            if run.state is not None and run.state.is_final():
+            if run.state is not None and run.state.type == kind:
                 return run.state
             await asyncio.sleep(0.5)
     return None
+
+
+async def _wait_for_named(flow_run_id: UUID, name: str, within: float) -> bool:
+    """Whether the run has been in a state called ``name`` within the time."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if name in await _state_names(flow_run_id):
+            return True
+        await asyncio.sleep(1)
+    return False
+
+
+async def _state_names(flow_run_id: UUID) -> list[str]:
+    """The names of the run's states, oldest first."""
+    async with get_client() as client:
+        states = await client.read_flow_run_states(flow_run_id)
+    return [str(state.name) for state in sorted(states, key=lambda s: s.timestamp)]
 
 
 async def _logs(flow_run_id: UUID) -> list[str]:

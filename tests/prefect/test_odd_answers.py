@@ -21,7 +21,8 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-from flows.batch import batch_of_videos
+from flows.batch import BatchItem, batch_of_videos
+from flows.pipeline import MAX_RUN_COUNT
 from flows.submissions import submissions
 from flows.video import prompt_to_video, resume_video, topic_to_video
 from nanophoto.contract import ACCEPT, DEFAULT_USER_AGENT, ORIGIN, REFERER
@@ -265,4 +266,21 @@ async def test_a_symlink_inside_the_root_cannot_lead_out_of_it(
     state = await prompt_to_video(prompt="a fox", output_dir="escape", return_state=True)
     assert state.is_failed()
     assert "outside the output folder" in await exception_text(state)
+    assert api.snapshot()["total_requests"] == 0
+
+
+async def test_a_run_started_too_often_stops_at_its_first_line_sending_nothing(
+    api: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry-crashed-video-runs automation schedules a crashed run again; one that
+    keeps crashing must not loop for ever."""
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__RUN_COUNT", str(MAX_RUN_COUNT + 1))
+    for run in (
+        prompt_to_video(prompt="A fox", return_state=True),
+        batch_of_videos(items=[BatchItem(prompt="A fox")], return_state=True),
+        resume_video(task_id="task_abc123", return_state=True),
+    ):
+        state = await run
+        assert state.is_failed()
+        assert f"started {MAX_RUN_COUNT + 1} times" in await exception_text(state)
     assert api.snapshot()["total_requests"] == 0

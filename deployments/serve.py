@@ -14,7 +14,15 @@ import sys
 from prefect.runner import Runner
 
 from deployments.setup import HEARTBEAT_S, require_api_url, seal_parameter_schemas
-from flows import batch_of_videos, prompt_to_video, resume_video, submissions, topic_to_video
+from flows import (
+    batch_of_videos,
+    batch_part,
+    prompt_to_video,
+    resume_video,
+    submissions,
+    topic_to_video,
+)
+from flows.batch import PART_DEPLOYMENT
 from tasks.credentials import NanoPhotoCredentials
 
 
@@ -28,10 +36,11 @@ async def serve() -> None:
     await NanoPhotoCredentials.aregister_type_and_schema()
     tags = ["sora2", "served"]
     runner = Runner(limit=4, pause_on_shutdown=True)
-    for each in (topic_to_video, prompt_to_video, resume_video, batch_of_videos, submissions):
-        deployment = await each.ato_deployment(
-            name="served", tags=tags, enforce_parameter_schema=True
-        )
+    flows = (topic_to_video, prompt_to_video, resume_video, batch_of_videos, submissions)
+    for each in (*flows, batch_part):
+        # A batch in parts finds its parts' deployment by name (flows.batch.PART_DEPLOYMENT).
+        name = PART_DEPLOYMENT.split("/")[1] if each is batch_part else "served"
+        deployment = await each.ato_deployment(name=name, tags=tags, enforce_parameter_schema=True)
         await runner.aadd_deployment(deployment)
     await seal_parameter_schemas()
     await runner.start()

@@ -15,10 +15,12 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Annotated, Literal, Self
+from typing import Annotated, Final, Literal, Self
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.deployments import arun_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from pydantic import (
     BaseModel,
@@ -59,6 +61,9 @@ from tasks.submissions import IdempotencyKey, SubmissionRecord, resolve_idempote
 from tasks.video import OutputDir
 
 ItemStatus = Literal["delivered", "failed", "over_budget"]
+# The deployment a batch in parts runs its parts as (prefect.yaml), and how many at most.
+PART_DEPLOYMENT: Final = "batch-part/pool"
+MAX_PARTS: Final = 64
 
 
 class _ItemSource(BaseModel):
@@ -201,6 +206,7 @@ async def batch_of_videos(
     output_dir: OutputDir = ".",
     batch_key: IdempotencyKey | None = None,
     resubmit_unknown_up_to_credits: Annotated[int, Field(ge=0)] = 0,
+    parts: Annotated[int, Field(ge=1, le=MAX_PARTS)] = 1,
 ) -> BatchSummary:
     """Make many videos at once: each item a topic or a ready prompt, with its own options.
 
@@ -220,6 +226,9 @@ async def batch_of_videos(
             fingerprint, and a number for identical items), so a rerun finds each
             item's earlier outcome however the items are reordered. 1 to 200 letters,
             digits and the characters _ . : - (no spaces). Empty: this flow run's id.
+        parts: Spread the batch over this many runs of the batch-part deployment, which
+            any worker of the pool may take (make deploy creates it); each makes its
+            share of the items, max_in_flight at a time. 1: this run makes them all.
 
     Returns:
         Counts, credits, requests, and each item's outcome (task id, file, checksum,
@@ -232,59 +241,22 @@ async def batch_of_videos(
     if credit_budget is not None and credit_budget < 0:
         raise ValueError("credit_budget: must be 0 or more (empty for no budget)")
     key = resolve_idempotency_key(batch_key)
-    settings = NanoPhotoSettings()
-    schedule = schedule.on_clock(settings.time_scale)
-    topics = sum(bool(item.topic) for item in items)
-    planner = BudgetPlanner(
-        schedule,
-        requests_per_window=settings.rate_limit,
-        window=settings.rate_window,
-        max_in_flight=max_in_flight,
-        requests_per_item=1 + round(topics / len(items)),
-        api_second=settings.time_scale,
-    )
-    planner.queued = len(items)
-    credits = CreditBudget(credit_budget)
-    slots = asyncio.Semaphore(max_in_flight)
     started = time.monotonic()
-    limiter = shared_limiter(settings)
-    granted_before = limiter.granted_total
-
-    progress = BatchProgress(len(items), schedule.expected_generation)
     keys = item_keys(key, items)
     legacy = LegacyKeys(key, len(items))
-
-    async def run(index: int, item: BatchItem) -> ItemOutcome:
-        async with slots:
-            planner.queued -= 1
-            outcome = await _run_item(
-                index,
-                item,
-                ItemContext(
-                    key=keys[index],
-                    legacy=legacy,
-                    schedule=schedule,
-                    output_dir=output_dir,
-                    planner=planner,
-                    credits=credits,
-                    progress=progress,
-                    resubmit_unknown_up_to=resubmit_unknown_up_to_credits,
-                ),
-            )
-        progress.finished(index, outcome.status)
-        await progress.show()
-        return outcome
-
-    async def keep_progress_moving() -> None:
-        while True:
-            await progress.show()
-            await asyncio.sleep(progress.tick_seconds)
-
-    ticker = asyncio.create_task(keep_progress_moving())
-    try:
-        outcomes = await asyncio.gather(*(run(i, item) for i, item in enumerate(items)))
-    finally:
-        ticker.cancel()
+    credits = CreditBudget(credit_budget)
+    share = ItemsShare(
+        indices=list(range(len(items))),
+        keys=keys,
+        schedule=schedule,
+        output_dir=output_dir,
+        max_in_flight=max_in_flight,
+        resubmit_unknown_up_to=resubmit_unknown_up_to_credits,
+    )
+    if parts == 1:
+        outcomes, requests = await _make_items(items, share, credits, legacy)
+    else:
+        outcomes, requests = await _spread_over_parts(items, share, credits, legacy, parts)
     summary = BatchSummary(
         delivered=sum(o.status == "delivered" for o in outcomes),
         failed=sum(o.status == "failed" for o in outcomes),
@@ -293,7 +265,7 @@ async def batch_of_videos(
         credit_budget=credit_budget,
         credits_used=sum(o.credits_used for o in outcomes),
         credits_at_risk=sum(o.credits_at_risk for o in outcomes),
-        requests=limiter.granted_total - granted_before,
+        requests=requests,
         seconds=round(time.monotonic() - started, 3),
         items=list(outcomes),
     )
@@ -318,6 +290,213 @@ async def batch_of_videos(
             + f"; {summary.over_budget} over budget); see the batch-summary artifact"
         )
     return summary
+
+
+class ItemsShare(BaseModel):
+    """Which items of a batch one run makes, under which keys, and how."""
+
+    indices: list[int]  # each item's place in the whole batch
+    keys: list[str]  # each item's idempotency key
+    schedule: WatchSchedule
+    output_dir: str
+    max_in_flight: int
+    resubmit_unknown_up_to: int = 0
+
+
+async def _make_items(
+    items: list[BatchItem], share: ItemsShare, credits: CreditBudget, legacy: LegacyKeys
+) -> tuple[list[ItemOutcome], int]:
+    """Make ``items`` here, ``max_in_flight`` at a time: each item's outcome, and the
+    API requests this process made for them."""
+    settings = NanoPhotoSettings()
+    schedule = share.schedule.on_clock(settings.time_scale)
+    topics = sum(bool(item.topic) for item in items)
+    planner = BudgetPlanner(
+        schedule,
+        requests_per_window=settings.rate_limit,
+        window=settings.rate_window,
+        max_in_flight=share.max_in_flight,
+        requests_per_item=1 + round(topics / len(items)),
+        api_second=settings.time_scale,
+    )
+    planner.queued = len(items)
+    slots = asyncio.Semaphore(share.max_in_flight)
+    limiter = shared_limiter(settings)
+    granted_before = limiter.granted_total
+    progress = BatchProgress(len(items), schedule.expected_generation)
+
+    async def run(position: int, item: BatchItem) -> ItemOutcome:
+        async with slots:
+            planner.queued -= 1
+            outcome = await _run_item(
+                share.indices[position],
+                item,
+                ItemContext(
+                    key=share.keys[position],
+                    legacy=legacy,
+                    schedule=schedule,
+                    output_dir=share.output_dir,
+                    planner=planner,
+                    credits=credits,
+                    progress=progress,
+                    resubmit_unknown_up_to=share.resubmit_unknown_up_to,
+                ),
+            )
+        progress.finished(share.indices[position], outcome.status)
+        await progress.show()
+        return outcome
+
+    async def keep_progress_moving() -> None:
+        while True:
+            await progress.show()
+            await asyncio.sleep(progress.tick_seconds)
+
+    ticker = asyncio.create_task(keep_progress_moving())
+    try:
+        outcomes = await asyncio.gather(*(run(i, item) for i, item in enumerate(items)))
+    finally:
+        ticker.cancel()
+    return list(outcomes), limiter.granted_total - granted_before
+
+
+async def _spread_over_parts(
+    items: list[BatchItem],
+    share: ItemsShare,
+    credits: CreditBudget,
+    legacy: LegacyKeys,
+    parts: int,
+) -> tuple[list[ItemOutcome], int]:
+    """Reserve each item's credits here (one budget for the batch), then let ``parts``
+    runs of the batch-part deployment make them, on whichever workers take them.
+
+    An item an earlier run paid for costs nothing; one that would take the batch
+    over its budget is ``over_budget`` and sent to no part. A refund in a part
+    does not come back to this batch's budget (the items are already shared out).
+    """
+    logger = get_run_logger()
+    deployment = await _part_deployment()
+    outcomes: dict[int, ItemOutcome] = {}
+    sent: list[int] = []
+    for position, item in enumerate(items):
+        index, key = share.indices[position], share.keys[position]
+        outcome = ItemOutcome(
+            index=index, item=item.label, key=key, status="failed", price=item.price
+        )
+        try:
+            earlier = await earlier_outcome(key)
+            if earlier is None:
+                legacy_record = await legacy.find(fingerprint(item.job()))
+                if legacy_record is not None:
+                    earlier = legacy_record
+                    share.keys[position] = legacy_record.key
+        except NanoPhotoError as error:
+            outcomes[index] = outcome.model_copy(
+                update={"error_code": error.code, "error": str(error)[:500]}
+            )
+            continue
+        paid = earlier is not None and earlier.state in ("submitted", "completed")
+        if not paid and not credits.reserve(item.price):
+            outcomes[index] = outcome.model_copy(update={"status": "over_budget"})
+            continue
+        sent.append(position)
+    chunks = [sent[n::parts] for n in range(parts) if sent[n::parts]]
+    logger.info(
+        "batch: %d items in %d parts of %s (any worker of the pool takes a part)",
+        len(sent),
+        len(chunks),
+        deployment,
+    )
+
+    async def part(chunk: list[int]) -> BatchPart:
+        sub_share = share.model_copy(
+            update={
+                "indices": [share.indices[p] for p in chunk],
+                "keys": [share.keys[p] for p in chunk],
+            }
+        )
+        run = await arun_deployment(
+            deployment,
+            parameters={
+                "items": [items[p].model_dump(mode="json") for p in chunk],
+                "share": sub_share.model_dump(mode="json"),
+            },
+            as_subflow=True,
+            timeout=None,
+        )
+        if run.state is None or not run.state.is_completed():
+            ended = f"{run.state.name}: {run.state.message}" if run.state else "no state"
+            failed = [
+                ItemOutcome(
+                    index=share.indices[p],
+                    item=items[p].label,
+                    key=share.keys[p],
+                    status="failed",
+                    price=items[p].price,
+                    error_code="BATCH_PART_FAILED",
+                    error=f"its part (flow run {run.id}) ended {ended}; a rerun with the same "
+                    "batch_key resumes it"[:500],
+                )
+                for p in chunk
+            ]
+            return BatchPart(outcomes=failed, requests=0)
+        result = await run.state.aresult()
+        return BatchPart.model_validate(result)
+
+    results = await asyncio.gather(*(part(chunk) for chunk in chunks))
+    for result in results:
+        for outcome in result.outcomes:
+            outcomes[outcome.index] = outcome
+    ordered = [outcomes[index] for index in sorted(outcomes)]
+    return ordered, sum(result.requests for result in results)
+
+
+async def _part_deployment() -> str:
+    """The batch-part deployment's name: it must exist for a batch in parts."""
+    try:
+        async with get_client() as client:
+            await client.read_deployment_by_name(PART_DEPLOYMENT)
+    except ObjectNotFound:
+        raise ValueError(
+            f"parts: a batch in parts needs the deployment {PART_DEPLOYMENT} (make deploy "
+            "creates it) and a worker of its pool; nothing was sent"
+        ) from None
+    return PART_DEPLOYMENT
+
+
+class BatchPart(BaseModel):
+    """What one part of a batch made: its items' outcomes and its API requests."""
+
+    outcomes: list[ItemOutcome]
+    requests: int
+
+
+def _part_run_name() -> str:
+    """``batch part of 5: A paper boat…``."""
+    return "batch part" + _batch_run_name().removeprefix("batch")
+
+
+# JSON, not pickle: the batch reads it back whichever way each process loaded this module
+# (a worker loads it from its entrypoint as "batch", make serve as "flows.batch").
+@flow(name="batch-part", flow_run_name=_part_run_name, result_serializer="json", **RESULTS)
+async def batch_part(items: list[BatchItem], share: ItemsShare) -> BatchPart:
+    """Make one part of a batch, on whichever worker took this run.
+
+    The batch that started it reserved the items' credits; each item's key is
+    the batch's, so a retried part resumes what it already paid for.
+
+    Args:
+        items: This part's items.
+        share: Their places and keys in the batch, the schedule, the output folder
+            and how many at once.
+
+    Returns:
+        Each item's outcome, and the API requests made for them.
+    """
+    refuse_crash_loop()
+    if len(items) != len(share.indices) or len(items) != len(share.keys):
+        raise ValueError("share: one index and one key per item")
+    outcomes, requests = await _make_items(items, share, CreditBudget(None), LegacyKeys("", 0))
+    return BatchPart(outcomes=outcomes, requests=requests)
 
 
 def item_keys(batch_key: str, items: list[BatchItem]) -> list[str]:

@@ -15,6 +15,7 @@ why, where neither is there.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -22,11 +23,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -38,6 +41,7 @@ from tests.helpers import free_port
 KEY = "np-topology-test-key"
 TIME_SCALE = 0.01
 RUNS = 16
+BATCH, PARTS = 12, 3
 RATE_LIMIT = 30  # requests per (compressed) hour: 16 videos need about 40, so it binds
 WORKER = [str(BIN / "prefect"), "worker", "start", "--pool", "sora2-process", "--type", "process"]
 SCHEDULE = {"initial_delay": 120, "interval": 20, "max_wait": 3000, "expected_generation": 300}
@@ -109,17 +113,35 @@ def simulator() -> Iterator[Simulator]:
         yield sim
 
 
-@pytest.mark.timeout(900)
-def test_runs_spread_over_two_workers_on_two_replicas_pay_once_with_no_429_nor_5xx(
-    cluster: dict[str, Any], simulator: Simulator, tmp_path: Path
-) -> None:
+@dataclass
+class Pool:
+    """Two process workers, one on each API replica, and where their logs are."""
+
+    home: Path
+    apis: list[str]
+    server: PrefectServer
+
+    def log(self, index: int) -> str:
+        return (self.home / f"worker-{index}.log").read_text(errors="replace")
+
+    def logs(self) -> str:
+        return "".join(self.log(index)[-3000:] for index in (1, 2))
+
+    def stop(self) -> None:
+        for process in self.server.processes:
+            stop(process)
+
+
+def deploy_and_start_workers(
+    cluster: dict[str, Any], simulator: Simulator, tmp_path: Path, limit: int
+) -> Pool:
+    """``make deploy`` against the cluster, then a worker on each replica (``--limit``)."""
     home: Path = cluster["home"]
     first, second = cluster["apis"]
-    storage = tmp_path / "result-storage"  # shared by both workers: one machine here
-    videos = tmp_path / "videos"
     env = {
         **base_env(home, first),
-        "PREFECT_LOCAL_STORAGE_PATH": str(storage),
+        # Shared by both workers (one machine here): the submission records and results.
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "result-storage"),
         "SORA2_LOCK_REDIS_URL": cluster["lock_url"],
         "SORA2_OUTPUT_ROOT": str(tmp_path),
     }
@@ -135,39 +157,126 @@ def test_runs_spread_over_two_workers_on_two_replicas_pay_once_with_no_429_nor_5
     assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
     # The rate window is NanoPhoto's hour on the simulator's clock.
     worker_env = {**env, "NANOPHOTO_TIME_SCALE": str(TIME_SCALE)}
-    server = PrefectServer(home=home, api_url=first, log=home / "unused.log")
+    pool = Pool(home, [first, second], PrefectServer(home, first, home / "unused.log"))
+    for index, api in enumerate(pool.apis, start=1):
+        pool.server.start(
+            [*WORKER, "--limit", str(limit)],
+            home / f"worker-{index}.log",
+            {**worker_env, "PREFECT_API_URL": api},
+        )
+    return pool
+
+
+def assert_no_server_errors(cluster: dict[str, Any], pool: Pool) -> None:
+    """No API answered a server error to a worker or to the test."""
+    logs = (
+        "".join(path.read_text(errors="replace") for path in cluster["folder"].glob("api-*.log"))
+        + pool.logs()
+    )
+    assert not re.search(r"\b50[0-9] (Internal Server Error|Service Unavailable)", logs)
+
+
+@pytest.mark.timeout(900)
+def test_runs_spread_over_two_workers_on_two_replicas_pay_once_with_no_429_nor_5xx(
+    cluster: dict[str, Any], simulator: Simulator, tmp_path: Path
+) -> None:
+    pool = deploy_and_start_workers(cluster, simulator, tmp_path, limit=RUNS // 2)
+    first, second = pool.apis
     try:
-        for index, api in enumerate((first, second), start=1):
-            server.start(
-                [*WORKER, "--limit", str(RUNS // 2)],
-                home / f"worker-{index}.log",
-                {**worker_env, "PREFECT_API_URL": api},
-            )
-        runs = asyncio.run(create_runs(first, second, videos))
+        runs = asyncio.run(create_runs(first, second, tmp_path / "videos"))
         finished = asyncio.run(wait_for_all(first, runs, within=600))
     finally:
-        for process in server.processes:
-            stop(process)
+        pool.stop()
     states = {run.state.type.value if run.state else "?" for run in finished}
-    assert states == {"COMPLETED"}, worker_logs(home)
+    assert states == {"COMPLETED"}, pool.logs()
     ledger = simulator.snapshot()
     assert ledger["submits"] == RUNS  # each video paid once
     assert len({task["prompt_head"] for task in ledger["tasks"]}) == RUNS
     assert ledger["rate_limited"] == {}, ledger["rate_limited"]  # 0 x 429 across both hosts
     assert ledger["total_requests"] > RATE_LIMIT  # the limit did bind
-    # Both workers took runs.
-    took = [worker_log(home, index).count("submitting flow run") for index in (1, 2)]
-    assert all(took), took
+    took = [pool.log(index).count("submitting flow run") for index in (1, 2)]
+    assert all(took), took  # both workers took runs
     print(
         f"\ntopology: {RUNS} runs, taken {took[0]}/{took[1]} by the two workers; "
         f"{ledger['total_requests']} requests under a limit of {RATE_LIMIT} per window; "
         f"{ledger['submits']} submits; 429s: {sum(ledger['rate_limited'].values())}"
     )
-    # No API answered a server error to a worker or to the test.
-    logs = "".join(
-        path.read_text(errors="replace") for path in cluster["folder"].glob("api-*.log")
-    ) + worker_logs(home)
-    assert not re.search(r"\b50[0-9] (Internal Server Error|Service Unavailable)", logs)
+    assert_no_server_errors(cluster, pool)
+
+
+@pytest.mark.timeout(900)
+def test_a_batch_in_parts_uses_both_workers_under_one_budget_and_one_summary(
+    cluster: dict[str, Any], simulator: Simulator, tmp_path: Path
+) -> None:
+    """The batch's run reserves the credits and waits; three batch-part runs make the
+    videos. With two runs at most per worker and the batch's run holding one, no
+    worker can take every part."""
+    pool = deploy_and_start_workers(cluster, simulator, tmp_path, limit=2)
+    first, _ = pool.apis
+    items = [{"prompt": f"part {i}: lanterns on a canal"} for i in range(BATCH)]
+    try:
+        batch = asyncio.run(
+            run_deployment_and_wait(
+                first,
+                "batch-of-videos/on-demand",
+                {
+                    "items": items,
+                    "parts": PARTS,
+                    "max_in_flight": 4,
+                    "credit_budget": BATCH * 4 - 4,  # one item over budget: never sent
+                    "schedule": SCHEDULE,
+                    "output_dir": str(tmp_path / "videos"),
+                },
+                within=600,
+            )
+        )
+        parts = asyncio.run(runs_named(first, "batch part"))
+    finally:
+        pool.stop()
+    assert batch.state is not None
+    assert batch.state.is_completed(), pool.logs()
+    summary = asyncio.run(result_of(first, batch))
+    assert (summary["delivered"], summary["over_budget"]) == (BATCH - 1, 1)
+    assert summary["credits_used"] == (BATCH - 1) * 4  # one budget, one summary for the batch
+    assert [item["index"] for item in summary["items"]] == list(range(BATCH))
+    ledger = simulator.snapshot()
+    assert ledger["submits"] == BATCH - 1  # each delivered video paid once; none over budget
+    assert ledger["rate_limited"] == {}, ledger["rate_limited"]
+    assert len(parts) == PARTS
+    assert all(run.state and run.state.is_completed() for run in parts)
+    workers = {index for run in parts for index in (1, 2) if str(run.id) in pool.log(index)}
+    assert workers == {1, 2}, "a batch in parts used one worker only"
+    assert_no_server_errors(cluster, pool)
+
+
+async def run_deployment_and_wait(
+    api: str, name: str, parameters: dict[str, Any], within: float
+) -> FlowRun:
+    """A run of deployment ``name``, once it is final."""
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name(name)
+            run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+    return (await wait_for_all(api, [run], within))[0]
+
+
+async def runs_named(api: str, prefix: str) -> list[FlowRun]:
+    """The flow runs whose name starts with ``prefix``."""
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        async with get_client() as client:
+            return [run for run in await client.read_flow_runs() if run.name.startswith(prefix)]
+
+
+async def result_of(api: str, run: FlowRun) -> dict[str, Any]:
+    """A finished batch's summary, from its batch-summary-json artifact."""
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+            )
+    text = next(str(a.data) for a in artifacts if a.key == "batch-summary-json")
+    document: dict[str, Any] = json.loads(text.split("```json\n", 1)[1].rsplit("```", 1)[0])
+    return document
 
 
 async def create_runs(first: str, second: str, videos: Path) -> list[FlowRun]:
@@ -201,11 +310,3 @@ async def wait_for_all(api: str, runs: list[FlowRun], within: float) -> list[Flo
                 if time.monotonic() > deadline:
                     return current
                 await asyncio.sleep(2)
-
-
-def worker_log(home: Path, index: int) -> str:
-    return (home / f"worker-{index}.log").read_text(errors="replace")
-
-
-def worker_logs(home: Path) -> str:
-    return "".join(worker_log(home, index)[-3000:] for index in (1, 2))

@@ -20,7 +20,7 @@ from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import DEFAULT_KEY
 from nanophoto_simulator.server import Simulator
 from tasks.ratelimit import RATE_LIMIT_NAME, create_rate_limit
-from tests.helpers import SESSION_RATE_LIMIT, MakeSimulator, use_simulator
+from tests.helpers import SESSION_RATE_LIMIT, MakeSimulator, exception_text, use_simulator
 
 FAST = WatchSchedule()  # NanoPhoto's seconds: NANOPHOTO_TIME_SCALE compresses them
 
@@ -109,6 +109,19 @@ async def test_the_shared_limit_must_exist(api: Simulator) -> None:
     finally:
         await create_rate_limit(SESSION_RATE_LIMIT)
     assert api.snapshot()["total_requests"] == 0
+
+
+async def test_a_batch_in_parts_needs_the_part_deployment_and_says_so(api: Simulator) -> None:
+    state = await batch_of_videos(
+        items=[BatchItem(prompt="A cat on a piano"), BatchItem(prompt="A dog on a drum")],
+        schedule=FAST,
+        output_dir="",
+        parts=2,
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert "batch-part/pool" in await exception_text(state)
+    assert api.snapshot()["total_requests"] == 0  # nothing reserved, nothing sent
 
 
 async def test_a_tight_budget_is_never_exceeded_and_binds_the_checks(

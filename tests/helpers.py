@@ -93,6 +93,8 @@ def runner_env() -> dict[str, str]:
         "PREFECT_LOCAL_STORAGE_PATH": str(PREFECT_LOCAL_STORAGE_PATH.value()),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        # As patient with the harness's SQLite server (503 when busy) as the soaks are.
+        "PREFECT_CLIENT_MAX_RETRIES": "12",
     }
 
 
@@ -119,7 +121,7 @@ def lines_of(process: subprocess.Popen[str], timeout: float) -> list[dict[str, A
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-async def wait_for_state(key: str, states: set[str], within: float = 120) -> Any:
+async def wait_for_state(key: str, states: set[str], within: float = 300) -> Any:
     """The key's submission record, once it is in one of ``states``."""
     from tasks.submissions import SubmissionStore
 

@@ -227,6 +227,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group ``pgid`` is left."""
+    _alive(pgid)  # reaps the leader if it is our child
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
@@ -287,15 +297,16 @@ def up(cluster: Cluster) -> None:
             raise SystemExit("cluster: the services process exited; see services.log")
         say("services process running")
     except BaseException:
-        down(folder)
+        down(folder, keep_logs=True)  # its logs say why
         raise
     say("up; point workers and `make deploy` at it with:")
     for name, value in cluster.client_settings().items():
         print(f"export {name}={value}", flush=True)
 
 
-def down(folder: Path) -> None:
-    """Stop every process of the cluster by its pid, PostgreSQL, and remove its data."""
+def down(folder: Path, *, keep_logs: bool = False) -> None:
+    """Stop every process of the cluster by its group, PostgreSQL, and remove its data
+    (its logs too, unless ``keep_logs``)."""
     path = state_file(folder)
     if not path.exists():
         say(f"nothing to stop ({folder} holds no cluster)")
@@ -305,9 +316,9 @@ def down(folder: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while _alive(pid) and time.monotonic() < deadline:
+        while _group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        if _group_alive(pid):  # the leader or any process of its group
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         say(f"stopped {name}")
@@ -322,6 +333,10 @@ def down(folder: Path) -> None:
         say("stopped PostgreSQL")
     if cluster.postgres_data:
         shutil.rmtree(data, ignore_errors=True)
+    if keep_logs:
+        state_file(folder).unlink(missing_ok=True)
+        say(f"down: nothing left running; the logs are in {folder}")
+        return
     shutil.rmtree(folder, ignore_errors=True)
     say("down: nothing left running")
 

@@ -22,7 +22,7 @@ from flows import (
     submissions,
     topic_to_video,
 )
-from flows.batch import PART_DEPLOYMENT
+from flows.batch import SERVED
 from tasks.credentials import NanoPhotoCredentials
 
 
@@ -34,13 +34,13 @@ async def serve() -> None:
     is refused before a run exists, as it is for ``make deploy``'s.
     """
     await NanoPhotoCredentials.aregister_type_and_schema()
-    tags = ["sora2", "served"]
+    tags = ["sora2", SERVED]
     runner = Runner(limit=4, pause_on_shutdown=True)
     flows = (topic_to_video, prompt_to_video, resume_video, batch_of_videos, submissions)
-    for each in (*flows, batch_part):
-        # A batch in parts finds its parts' deployment by name (flows.batch.PART_DEPLOYMENT).
-        name = PART_DEPLOYMENT.split("/")[1] if each is batch_part else "served"
-        deployment = await each.ato_deployment(name=name, tags=tags, enforce_parameter_schema=True)
+    for each in (*flows, batch_part):  # a batch in parts started here uses batch-part/served
+        deployment = await each.ato_deployment(
+            name=SERVED, tags=tags, enforce_parameter_schema=True
+        )
         await runner.aadd_deployment(deployment)
     await seal_parameter_schemas()
     await runner.start()

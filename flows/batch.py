@@ -11,16 +11,21 @@ key's hourly request limit cannot watch eagerly still makes the most videos.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Annotated, Final, Literal, Self
+from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import arun_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run
 from pydantic import (
     BaseModel,
@@ -33,6 +38,7 @@ from pydantic import (
 
 from flows.forms import described
 from flows.pipeline import (
+    MAX_RUN_COUNT,
     Spend,
     Watching,
     earlier_outcome,
@@ -63,7 +69,14 @@ from tasks.video import OutputDir
 ItemStatus = Literal["delivered", "failed", "over_budget"]
 # The deployment a batch in parts runs its parts as (prefect.yaml), and how many at most.
 PART_DEPLOYMENT: Final = "batch-part/pool"
+SERVED: Final = "served"  # make serve's deployments' name: its batch part is batch-part/served
 MAX_PARTS: Final = 64
+# A part no worker has taken after PART_START_S (every slot busy, e.g. with batches waiting
+# for their parts) is made by the batch's own run instead; a crashed part is followed into
+# its retry for PART_RESCHEDULE_S. Our seconds: workers poll in real time.
+PART_START_S: Final = 120.0
+PART_RESCHEDULE_S: Final = 60.0
+PART_POLL_S: Final = 2.0
 
 
 class _ItemSource(BaseModel):
@@ -252,6 +265,7 @@ async def batch_of_videos(
         output_dir=output_dir,
         max_in_flight=max_in_flight,
         resubmit_unknown_up_to=resubmit_unknown_up_to_credits,
+        own_run=not batch_key,
     )
     if parts == 1:
         outcomes, requests = await _make_items(items, share, credits, legacy)
@@ -298,9 +312,12 @@ class ItemsShare(BaseModel):
     indices: list[int]  # each item's place in the whole batch
     keys: list[str]  # each item's idempotency key
     schedule: WatchSchedule
-    output_dir: str
+    output_dir: OutputDir  # checked again where the part runs: its worker's output folder
     max_in_flight: int
     resubmit_unknown_up_to: int = 0
+    # No batch_key was given: the key is this flow run's id, so a record under it is this
+    # very run's earlier attempt (a retry after a crash), whose spend still counts.
+    own_run: bool = False
 
 
 async def _make_items(
@@ -340,6 +357,7 @@ async def _make_items(
                     credits=credits,
                     progress=progress,
                     resubmit_unknown_up_to=share.resubmit_unknown_up_to,
+                    own_run=share.own_run,
                 ),
             )
         progress.finished(share.indices[position], outcome.status)
@@ -395,7 +413,7 @@ async def _spread_over_parts(
             )
             continue
         paid = earlier is not None and earlier.state in ("submitted", "completed")
-        if not paid and not credits.reserve(item.price):
+        if (share.own_run or not paid) and not credits.reserve(item.price):
             outcomes[index] = outcome.model_copy(update={"status": "over_budget"})
             continue
         sent.append(position)
@@ -414,15 +432,29 @@ async def _spread_over_parts(
                 "keys": [share.keys[p] for p in chunk],
             }
         )
-        run = await arun_deployment(
+        mine = [items[p] for p in chunk]
+        # The same part for a retried batch run: it finds the run it started, not a new one.
+        tag = hashlib.sha256("|".join(sub_share.keys).encode()).hexdigest()[:16]
+        started = await arun_deployment(
             deployment,
             parameters={
-                "items": [items[p].model_dump(mode="json") for p in chunk],
+                "items": [item.model_dump(mode="json") for item in mine],
                 "share": sub_share.model_dump(mode="json"),
             },
             as_subflow=True,
-            timeout=None,
+            timeout=0,
+            idempotency_key=f"{flow_run.id}:part:{tag}",
         )
+        run = await _follow_part(started.id)
+        if run is None:  # no worker took it in time: this run makes it
+            logger.warning(
+                "no worker took batch part %s within %g s: making its %d items here",
+                started.id,
+                PART_START_S,
+                len(mine),
+            )
+            outcomes, requests = await _make_items(mine, sub_share, CreditBudget(None), legacy)
+            return BatchPart(outcomes=outcomes, requests=requests)
         if run.state is None or not run.state.is_completed():
             ended = f"{run.state.name}: {run.state.message}" if run.state else "no state"
             failed = [
@@ -439,8 +471,8 @@ async def _spread_over_parts(
                 for p in chunk
             ]
             return BatchPart(outcomes=failed, requests=0)
-        result = await run.state.aresult()
-        return BatchPart.model_validate(result)
+        assert run.state is not None
+        return BatchPart.model_validate(await run.state.aresult())
 
     results = await asyncio.gather(*(part(chunk) for chunk in chunks))
     for result in results:
@@ -451,16 +483,48 @@ async def _spread_over_parts(
 
 
 async def _part_deployment() -> str:
-    """The batch-part deployment's name: it must exist for a batch in parts."""
-    try:
-        async with get_client() as client:
-            await client.read_deployment_by_name(PART_DEPLOYMENT)
-    except ObjectNotFound:
-        raise ValueError(
-            f"parts: a batch in parts needs the deployment {PART_DEPLOYMENT} (make deploy "
-            "creates it) and a worker of its pool; nothing was sent"
-        ) from None
-    return PART_DEPLOYMENT
+    """The batch-part deployment beside this batch's own (make deploy's, or make serve's);
+    it must exist for a batch in parts."""
+    name = PART_DEPLOYMENT
+    if this_deployment.name == SERVED:
+        name = f"{PART_DEPLOYMENT.split('/')[0]}/{SERVED}"
+    async with get_client() as client:
+        try:
+            await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ValueError(
+                f"parts: a batch in parts needs the deployment {name} (make deploy or make "
+                "serve creates it) and a worker to run it; nothing was sent"
+            ) from None
+    return name
+
+
+async def _follow_part(run_id: UUID) -> FlowRun | None:
+    """The part's run once it has ended for good; None if no worker took it in time.
+
+    A part that crashed (its worker died) is scheduled again by the
+    retry-crashed-video-runs automation: it is followed into that retry.
+    """
+    waited = crashed_since = 0.0
+    async with get_client() as client:
+        while True:
+            run = await client.read_flow_run(run_id)
+            state = run.state
+            if state is not None and state.is_crashed() and run.run_count <= MAX_RUN_COUNT:
+                if crashed_since > PART_RESCHEDULE_S:
+                    return run  # not scheduled again: it ended Crashed
+                crashed_since += PART_POLL_S
+            elif state is not None and state.is_final():
+                return run
+            else:
+                crashed_since = 0.0
+                if run.run_count == 0 and (state is None or state.is_scheduled()):
+                    waited += PART_POLL_S
+                    if waited > PART_START_S:
+                        with contextlib.suppress(ObjectNotFound):
+                            await client.delete_flow_run(run_id)
+                        return None
+            await asyncio.sleep(PART_POLL_S)
 
 
 class BatchPart(BaseModel):
@@ -550,6 +614,7 @@ class ItemContext:
     credits: CreditBudget
     progress: BatchProgress
     resubmit_unknown_up_to: int
+    own_run: bool = False  # records under the key are this run's earlier attempt
 
 
 async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOutcome:
@@ -573,8 +638,14 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
         logger.error("item %d (%s): %s", index, item.label, error)
         return outcome.model_copy(update={"error_code": error.code, "error": str(error)[:500]})
     paid = earlier is not None and earlier.state in ("submitted", "completed")
-    reserved = 0 if paid else item.price
+    # An earlier run's video costs this run nothing; this run's own earlier attempt's does.
+    reserved = item.price if context.own_run or not paid else 0
     credits = context.credits
+
+    def spent(spend: Spend) -> int:
+        charged = spend.credits + spend.at_risk
+        return max(charged, reserved) if context.own_run and paid else charged
+
     if reserved and not credits.reserve(reserved):
         logger.warning(
             "item %d (%s) not submitted: %d credits would exceed the budget of %s (%d committed)",
@@ -601,7 +672,7 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
             job, key, how, spend=spend, resubmit_unknown_up_to=context.resubmit_unknown_up_to
         )
     except Exception as error:
-        credits.settle(reserved, spend.credits + spend.at_risk)
+        credits.settle(reserved, spent(spend))
         if spend.task_id is not None:
             planner.finish(spend.task_id)
         code = error.code if isinstance(error, NanoPhotoError) else type(error).__name__
@@ -620,7 +691,7 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
             }
         )
     planner.finish(result.task_id, result.generation_time)
-    credits.settle(reserved, spend.credits + spend.at_risk)
+    credits.settle(reserved, spent(spend))
     return _delivered(outcome, result, spend, time.monotonic() - started)
 
 

@@ -121,7 +121,8 @@ class PrefectRequestBudget:
                 await self._take(client, count, take, poll, taken)
                 await self._renew_early_ones(client, taken)
             except BaseException:
-                self._release_later([lease for lease, _ in taken], after=0.0)  # never used
+                # Never used: free them now, before a cancelled process goes away.
+                await asyncio.shield(self._release_now([lease for lease, _ in taken]))
                 raise
             self._release_later([lease for lease, _ in taken], after=self.window)
 
@@ -234,6 +235,15 @@ class PrefectRequestBudget:
             "key's requests per hour, does not exist on this Prefect server: create it with "
             "`make deploy` (python -m deployments.setup). Nothing was sent."
         )
+
+    async def _release_now(self, lease_ids: list[UUID]) -> None:
+        """Release these leases at once; one that cannot be expires on its own."""
+        for lease_id in lease_ids:
+            try:
+                async with self._calls, get_client() as client:
+                    await client.release_concurrency_slots_with_lease(lease_id)
+            except Exception as error:
+                _logger.debug("could not release lease %s: %s", lease_id, error)
 
     def _release_later(self, lease_ids: list[UUID], *, after: float) -> None:
         """Release these leases ``after`` seconds from now (one timer for all)."""

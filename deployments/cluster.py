@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import ipaddress
 import json
 import os
 import pwd
@@ -86,8 +87,9 @@ class Cluster:
 
     @property
     def database_url(self) -> str:
-        """Prefect's connection URL for the PostgreSQL database."""
-        return f"postgresql+asyncpg://postgres@{self.host}:{self.postgres_port}/{DATABASE}"
+        """Prefect's connection URL for the PostgreSQL database (on loopback: only the
+        server processes, on this machine, use it)."""
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.postgres_port}/{DATABASE}"
 
     def server_settings(self) -> dict[str, str]:
         """What every Prefect server process of the cluster needs."""
@@ -178,14 +180,15 @@ def start_postgres(cluster: Cluster, bin_dir: Path) -> None:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    options = f"-p {cluster.postgres_port} -c listen_addresses={cluster.host} -k {data}"
+    # Loopback only, whatever --host says: its trust authentication is for this machine.
+    options = f"-p {cluster.postgres_port} -c listen_addresses=127.0.0.1 -k {data}"
     pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-o", options]
     subprocess.run(
         _as_postgres([*pg_ctl, "-w", "-t", "120", "start"]), check=True, stdout=subprocess.DEVNULL
     )
-    where = ["-h", cluster.host, "-p", str(cluster.postgres_port), "-U", "postgres"]
+    where = ["-h", "127.0.0.1", "-p", str(cluster.postgres_port), "-U", "postgres"]
     subprocess.run([str(bin_dir / "createdb"), *where, DATABASE], check=True)
-    say(f"PostgreSQL on {cluster.host}:{cluster.postgres_port}, database {DATABASE}")
+    say(f"PostgreSQL on 127.0.0.1:{cluster.postgres_port}, database {DATABASE}")
 
 
 def spawn(cluster: Cluster, name: str, command: list[str], env: Mapping[str, str]) -> None:
@@ -253,6 +256,56 @@ def _redis_answers(cluster: Cluster) -> bool:
     return done.stdout.strip() == "PONG"
 
 
+def server_base_environment(cluster: Cluster) -> dict[str, str]:
+    """This environment with the cluster's server settings (and no client's API URL)."""
+    base = {**os.environ, **cluster.server_settings()}
+    base.pop("PREFECT_API_URL", None)
+    return base
+
+
+def start_api(cluster: Cluster, index: int, base: Mapping[str, str]) -> None:
+    """API replica ``index`` (from 1), ``--no-services``, once it answers its health check."""
+    port = cluster.api_ports[index - 1]
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    command = [prefect, "server", "start", "--no-services", "--host", cluster.host]
+    spawn(
+        cluster,
+        f"api-{index}",
+        [*command, "--port", str(port)],
+        server_environment(cluster.host, port, base),
+    )
+    url = cluster.api_urls[index - 1]
+    wait_until(lambda: _healthy(url), f"API {url}", 180, cluster.pids[f"api-{index}"])
+    say(f"API replica {index} on {url}")
+
+
+def stop_group(name: str, pid: int) -> None:
+    """SIGTERM to the process group ``pid``, SIGKILL after 15 s if any of it is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(pid):  # the leader or any process of its group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    say(f"stopped {name}")
+
+
+def restart_api(folder: Path, index: int) -> None:
+    """Stop API replica ``index`` and start it again: what a rolling restart does to one
+    replica. Runs, leases and events live in PostgreSQL and Redis, so nothing is lost."""
+    path = state_file(folder)
+    if not path.exists():
+        raise SystemExit(f"cluster: {folder} holds no cluster; `make cluster-up` first")
+    cluster = Cluster(**json.loads(path.read_text()))
+    name = f"api-{index}"
+    if name not in cluster.pids:
+        raise SystemExit(f"cluster: no API replica {index} (there are {len(cluster.api_ports)})")
+    stop_group(name, cluster.pids[name])
+    start_api(cluster, index, server_base_environment(cluster))
+
+
 def up(cluster: Cluster) -> None:
     """Bring every piece up, in order, each checked before the next starts."""
     folder = Path(cluster.folder)
@@ -265,11 +318,15 @@ def up(cluster: Cluster) -> None:
     try:
         start_postgres(cluster, bin_dir)
         redis = ["redis-server", "--port", str(cluster.redis_port), "--bind", cluster.host]
+        if not ipaddress.ip_address(cluster.host).is_loopback:
+            # Redis refuses other hosts without a password: workers on other hosts take its
+            # locks, so --host must be an address of a private network you trust.
+            redis += ["--protected-mode", "no"]
+            say(f"Redis and the APIs listen on {cluster.host}: keep it on a private network")
         spawn(cluster, "redis", [*redis, "--save", "", "--appendonly", "no"], os.environ)
         wait_until(lambda: _redis_answers(cluster), "Redis", 30, cluster.pids["redis"])
         say(f"Redis on {cluster.host}:{cluster.redis_port}")
-        base = {**os.environ, **cluster.server_settings()}
-        base.pop("PREFECT_API_URL", None)
+        base = server_base_environment(cluster)
         # Migrate once, before any API process starts (they would race on a fresh database).
         subprocess.run(
             [prefect, "server", "database", "upgrade", "-y"],
@@ -278,18 +335,8 @@ def up(cluster: Cluster) -> None:
             stdout=subprocess.DEVNULL,
         )
         say("database migrated")
-        for index, port in enumerate(cluster.api_ports, start=1):
-            env = server_environment(cluster.host, port, base)
-            command = [prefect, "server", "start", "--no-services"]
-            spawn(
-                cluster,
-                f"api-{index}",
-                [*command, "--host", cluster.host, "--port", str(port)],
-                env,
-            )
-            url = cluster.api_urls[index - 1]
-            wait_until(lambda u=url: _healthy(u), f"API {url}", 180, cluster.pids[f"api-{index}"])
-            say(f"API replica {index} on {url}")
+        for index in range(1, len(cluster.api_ports) + 1):
+            start_api(cluster, index, base)
         services = {**base, "PREFECT_API_URL": cluster.api_urls[0]}
         spawn(cluster, "services", [prefect, "server", "services", "start"], services)
         time.sleep(5)  # no health endpoint: alive after its start-up, with no error
@@ -313,15 +360,7 @@ def down(folder: Path, *, keep_logs: bool = False) -> None:
         return
     cluster = Cluster(**json.loads(path.read_text()))
     for name, pid in reversed(list(cluster.pids.items())):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while _group_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _group_alive(pid):  # the leader or any process of its group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        say(f"stopped {name}")
+        stop_group(name, pid)
     data = Path(cluster.postgres_data)
     bin_dir = postgres_bin()
     if cluster.postgres_data and (data / "postmaster.pid").exists() and bin_dir is not None:
@@ -341,16 +380,35 @@ def down(folder: Path, *, keep_logs: bool = False) -> None:
     say("down: nothing left running")
 
 
+def _ip_address(text: str) -> str:
+    """One IPv4 address of this machine's: never 0.0.0.0, which would open Redis (no
+    password there) on every interface."""
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 address, got {text!r}") from None
+    if address.is_unspecified:
+        raise argparse.ArgumentTypeError("name one address (of a private network), not 0.0.0.0")
+    return str(address)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``up`` or ``down``."""
+    """``up``, ``down`` or ``restart-api N``."""
     parser = argparse.ArgumentParser(
         prog="python -m deployments.cluster",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("action", choices=["up", "down", "restart-api"])
+    parser.add_argument("replica", nargs="?", type=int, default=1, help="restart-api: which one")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="data and logs")
-    parser.add_argument("--host", default="127.0.0.1", help="the address every piece binds")
+    parser.add_argument(
+        "--host",
+        type=_ip_address,
+        default="127.0.0.1",
+        help="the IP address Redis and the APIs bind (PostgreSQL stays on loopback); another "
+        "host's workers need one of a private network (default: %(default)s)",
+    )
     parser.add_argument("--postgres-port", type=int, default=54320)
     parser.add_argument("--redis-port", type=int, default=63790)
     parser.add_argument(
@@ -360,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.dir.resolve()
     if args.action == "down":
         down(folder)
+        return 0
+    if args.action == "restart-api":
+        restart_api(folder, args.replica)
         return 0
     up(
         Cluster(

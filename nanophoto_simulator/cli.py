@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 import sys
 
 from nanophoto_simulator.config import (
@@ -107,6 +108,14 @@ def build_parser(prog: str = "python -m nanophoto_simulator") -> argparse.Argume
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--tls",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        default=None,
+        help="serve https with this certificate and key (PEM files): how workers on other "
+        "hosts reach it, since the key goes over https unless to this machine",
+    )
+    parser.add_argument(
         "--fault",
         type=_fault,
         action="append",
@@ -123,7 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def _serve(config: SimulatorConfig, args: argparse.Namespace) -> None:
     simulator = Simulator(config)
-    await simulator.start(args.host, args.port, args.media_port)
+    tls = None
+    if args.tls:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(*args.tls)
+    await simulator.start(args.host, args.port, args.media_port, tls)
     print(
         json.dumps(
             {

@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import secrets
+import ssl
 import threading
 import time
 from collections import defaultdict, deque
@@ -158,13 +159,23 @@ class Simulator:
 
     # --- lifecycle ---------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, media_port: int = 0) -> None:
-        """Listen for API calls on ``port`` and video downloads on ``media_port``."""
-        api = await asyncio.start_server(self._serve(self._handle_api), host, port)
-        media = await asyncio.start_server(self._serve(self._handle_media), host, media_port)
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        media_port: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """Listen for API calls on ``port`` and video downloads on ``media_port``; over
+        TLS with ``tls`` (a server context), as a host other than this machine must be."""
+        api = await asyncio.start_server(self._serve(self._handle_api), host, port, ssl=tls)
+        media = await asyncio.start_server(
+            self._serve(self._handle_media), host, media_port, ssl=tls
+        )
         self._servers = [api, media]
-        self.base_url = f"http://{host}:{api.sockets[0].getsockname()[1]}"
-        self.media_url = f"http://{host}:{media.sockets[0].getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        self.base_url = f"{scheme}://{host}:{api.sockets[0].getsockname()[1]}"
+        self.media_url = f"{scheme}://{host}:{media.sockets[0].getsockname()[1]}"
 
     async def stop(self) -> None:
         """Stop listening and close every open connection."""
@@ -754,9 +765,10 @@ class SimulatorThread:
         host: str = "127.0.0.1",
         port: int = 0,
         media_port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.simulator = Simulator(config)
-        self._address = (host, port, media_port)
+        self._address = (host, port, media_port, tls)
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None

@@ -14,7 +14,11 @@ turned on stay on). It talks to the server your Prefect settings name
    ``NANOPHOTO_RATE_LIMIT`` or 100);
 5. the automations from ``deployments/automations.yaml``: a run whose heartbeats
    stop (its worker killed) is marked Crashed, and a crashed run is retried;
-6. every deployment in ``prefect.yaml``, without prompting; then the schedules'
+6. for workers on several hosts (``--results-s3-bucket``, ``--lock-redis-url``):
+   an ``S3Bucket`` result-storage block for the submission records, and the
+   Redis URL of the idempotency-key lock, both put in the pool's flow-run
+   environment so every worker's runs share them;
+7. every deployment in ``prefect.yaml``, without prompting; then the schedules'
    on/off states and the parameters people changed in the UI since the last
    deploy are put back, and undeclared parameters are refused (sealed schemas).
 """
@@ -44,12 +48,16 @@ from pydantic import SecretStr
 
 from nanophoto.settings import NanoPhotoSettings
 from tasks.credentials import DEFAULT_BLOCK_NAME, NanoPhotoCredentials, load_credentials
+from tasks.locks import REDIS_URL_VARIABLE
 from tasks.ratelimit import create_rate_limit
 
 PROJECT_DIR: Final = Path(__file__).resolve().parent.parent
 WORK_POOL: Final = "sora2-process"
 PROJECT_VARIABLE: Final = "sora2_project_dir"
 ZOMBIE_AUTOMATION: Final = "crash-zombie-video-runs"
+# The result storage every worker shares (--results-s3-bucket), and its credentials' block.
+RESULTS_BLOCK: Final = "sora2-results"
+RESULTS_CREDENTIALS_BLOCK: Final = "sora2-results-credentials"
 # What the last deploy wrote into each deployment's parameters (digests): a difference
 # is an edit made in the UI, which the next deploy keeps.
 DEPLOYED_PARAMETERS_VARIABLE: Final = "sora2_deployed_parameters"
@@ -126,6 +134,67 @@ async def ensure_work_pool() -> None:
                 say(f"work pool {WORK_POOL} exists; now with {' and '.join(changed)}")
             else:
                 say(f"work pool {WORK_POOL} already exists")
+
+
+async def ensure_shared_results(bucket: str, endpoint: str | None) -> dict[str, str]:
+    """The ``S3Bucket`` block ``sora2-results`` (and the bucket, if missing) for records
+    every host reads; the flow-run environment that makes it the default result storage.
+
+    Its credentials come from the usual AWS variables and go into a block, never into
+    the pool's environment (which anyone who can read the pool sees).
+    """
+    # prefect-aws is the optional `aws` group: only this option needs it.
+    from botocore.exceptions import ClientError
+    from prefect_aws import AwsClientParameters, AwsCredentials
+    from prefect_aws.s3 import S3Bucket
+
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        credentials = AwsCredentials(
+            aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            aws_client_parameters=AwsClientParameters(endpoint_url=endpoint),
+        )
+        await credentials.asave(RESULTS_CREDENTIALS_BLOCK, overwrite=True)
+    else:  # no keys in this environment: the block saved last time (or AWS's defaults)
+        try:
+            credentials = await AwsCredentials.aload(RESULTS_CREDENTIALS_BLOCK)
+        except ValueError:
+            credentials = AwsCredentials(
+                aws_client_parameters=AwsClientParameters(endpoint_url=endpoint)
+            )
+            await credentials.asave(RESULTS_CREDENTIALS_BLOCK, overwrite=True)
+    client = credentials.get_s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as error:
+        if str(error.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket"):
+            raise  # there, but not ours to read (403), or S3 is not answering
+        region = credentials.region_name or "us-east-1"
+        where = {} if region == "us-east-1" else {"LocationConstraint": region}
+        client.create_bucket(
+            Bucket=bucket, **({"CreateBucketConfiguration": where} if where else {})
+        )
+        say(f"created bucket {bucket}")
+    results = S3Bucket(bucket_name=bucket, bucket_folder="sora2", credentials=credentials)
+    await results.asave(RESULTS_BLOCK, overwrite=True)
+    say(f"result storage: s3-bucket/{RESULTS_BLOCK} (s3://{bucket}/sora2)")
+    return {"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"s3-bucket/{RESULTS_BLOCK}"}
+
+
+async def set_flow_run_env(values: dict[str, str]) -> None:
+    """Put ``values`` in the pool's flow-run environment (what these options ask for
+    replaces what was there; every other variable stays)."""
+    if not values:
+        return
+    async with get_client() as client:
+        pool = await client.read_work_pool(WORK_POOL)
+        template = pool.base_job_template
+        env = template["variables"]["properties"]["env"]
+        env["default"] = {**(env.get("default") or {}), **values}
+        await client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=template))
+    say(f"work pool {WORK_POOL}: flow runs get {', '.join(sorted(values))}")
 
 
 async def ensure_project_variable() -> None:
@@ -300,6 +369,10 @@ async def prepare(args: argparse.Namespace) -> None:
     await ensure_credentials(args.store_key, args.block_name)
     say(await create_rate_limit(args.rate_limit, reset=args.reset_rate_limit))
     await ensure_automations(args.heartbeat_timeout)
+    shared = {REDIS_URL_VARIABLE: args.lock_redis_url} if args.lock_redis_url else {}
+    if args.results_s3_bucket:
+        shared |= await ensure_shared_results(args.results_s3_bucket, args.s3_endpoint)
+    await set_flow_run_env(shared)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +407,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="a run whose heartbeats stop this long is marked Crashed, then retried "
         f"(default: %(default)g; its heartbeats come every {HEARTBEAT_S} s)",
+    )
+    parser.add_argument(
+        "--results-s3-bucket",
+        metavar="BUCKET",
+        help="keep submission records in this S3 bucket, shared by workers on every host "
+        "(credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; needs the `aws` extra)",
+    )
+    parser.add_argument(
+        "--s3-endpoint", metavar="URL", help="an S3-compatible server (MinIO, ...) instead of AWS"
+    )
+    parser.add_argument(
+        "--lock-redis-url",
+        metavar="URL",
+        help="one idempotency-key lock for workers on every host (redis://host:6379/3, no "
+        "password in it: the pool's environment is readable by whoever reads the pool; "
+        "`make cluster-up` prints it)",
     )
     parser.add_argument("--no-deploy", action="store_true", help="prepare only")
     parser.add_argument(

@@ -60,6 +60,7 @@ from tasks.submissions import (
     SubmissionRecord,
     SubmissionStore,
     claim_ttl,
+    current_flow_run,
     key_in_use,
     key_wait,
     new_claim_token,
@@ -203,7 +204,8 @@ async def make_video_once(
             get_run_logger().info(
                 "idempotency key %s already delivered video %s", key, record.result.task_id
             )
-            spend.earlier, spend.task_id = True, record.result.task_id
+            _count_earlier_attempt(spend, record)
+            spend.task_id = record.result.task_id
             return record.result
         if step == "resume" and record is not None:
             video = _resumed(record)
@@ -226,7 +228,8 @@ async def make_video_once(
             key,
             video.task_id,
         )
-        spend.earlier = True
+        assert record is not None
+        _count_earlier_attempt(spend, record)
         how = _fresh_window(how)
     spend.task_id = video.task_id
     assert record is not None
@@ -336,6 +339,17 @@ async def _kept_alive(store: SubmissionStore, key: str, token: str) -> AsyncIter
     finally:
         renewing.cancel()
         await asyncio.gather(renewing, return_exceptions=True)
+
+
+def _count_earlier_attempt(spend: Spend, record: SubmissionRecord) -> None:
+    """A video found already paid for: by another run (it costs this one nothing), or by
+    this very flow run before it crashed and was retried, whose spend is still its own
+    (a batch's summary and budget count it once, where it was paid)."""
+    if record.flow_run_id is not None and record.flow_run_id == current_flow_run():
+        spend.video_credits = record.cost
+        spend.prompt_credits = record.prompt_credits
+    else:
+        spend.earlier = True
 
 
 def _resumed(record: SubmissionRecord) -> SubmittedVideo:

@@ -23,7 +23,7 @@ import pytest
 from prefect import flow
 
 from flows.batch import BatchItem, batch_of_videos
-from flows.pipeline import SubmittedVideo, Watching, finish_and_record
+from flows.pipeline import Spend, SubmittedVideo, Watching, finish_and_record, make_video_once
 from flows.submissions import submissions
 from flows.video import prompt_to_video
 from nanophoto.errors import GenerationFailedError
@@ -168,6 +168,42 @@ async def test_killed_while_watching_the_rerun_resumes_the_same_task(
     result = await prompt_to_video(prompt=prompt, output_dir=str(tmp_path), idempotency_key=key)
     assert submits_per_prompt(simulator) == {prompt: 1}
     assert result.task_id == simulator.snapshot()["tasks"][0]["task_id"]
+
+
+async def test_a_retried_run_counts_what_its_crashed_attempt_paid_another_run_does_not(
+    api: Simulator, tmp_path: Path
+) -> None:
+    """A flow run retried after its worker died keeps its id: the video its first attempt
+    paid for is resumed, not paid again, and still counted as this run's spend (a batch
+    part's summary would otherwise under-report what the batch spent). Another run
+    finding the same video spent nothing."""
+    key = fresh("own")
+    request = VideoRequest(prompt="own: a lantern on a canal")
+    how = Watching(WatchSchedule(), output_dir=str(tmp_path), artifacts=False)
+    first, retried = await _twice_in_one_flow_run(request, key, how)
+    assert (first.video_credits, first.earlier) == (request.cost, False)
+    assert (retried.video_credits, retried.earlier) == (request.cost, False)  # its own attempt
+    assert retried.task_id == first.task_id
+    other = await _once_in_a_flow_run(request, key, how)
+    assert (other.video_credits, other.earlier) == (0, True)  # another run's video
+    assert api.snapshot()["submits"] == 1
+
+
+@flow
+async def _twice_in_one_flow_run(
+    request: VideoRequest, key: str, how: Watching
+) -> tuple[Spend, Spend]:
+    first, again = Spend(), Spend()
+    await make_video_once(request, key, how, spend=first)
+    await make_video_once(request, key, how, spend=again)  # as the same run, retried
+    return first, again
+
+
+@flow
+async def _once_in_a_flow_run(request: VideoRequest, key: str, how: Watching) -> Spend:
+    spend = Spend()
+    await make_video_once(request, key, how, spend=spend)
+    return spend
 
 
 # --- the ways out of an unknown outcome ------------------------------------------------------

@@ -64,6 +64,7 @@ from nanophoto.watch import CheckPlan, WatchSchedule
 from tasks.observe import BatchProgress, best_effort
 from tasks.ratelimit import shared_limiter
 from tasks.submissions import IdempotencyKey, SubmissionRecord, resolve_idempotency_key
+from tasks.times import SHARE_EVERY_S, SharedTimes, forget
 from tasks.video import OutputDir
 
 ItemStatus = Literal["delivered", "failed", "over_budget"]
@@ -318,6 +319,8 @@ class ItemsShare(BaseModel):
     # No batch_key was given: the key is this flow run's id, so a record under it is this
     # very run's earlier attempt (a retry after a crash), whose spend still counts.
     own_run: bool = False
+    # The batch run whose parts share the generation times they see (tasks/times.py).
+    times_group: str | None = None
 
 
 async def _make_items(
@@ -328,12 +331,17 @@ async def _make_items(
     settings = NanoPhotoSettings()
     schedule = share.schedule.on_clock(settings.time_scale)
     topics = sum(bool(item.topic) for item in items)
+    times = None
+    if share.times_group:  # a part: it learns what every part of its batch has seen
+        part = hashlib.sha256("|".join(share.keys).encode()).hexdigest()[:16]
+        times = SharedTimes(share.times_group, part)
     planner = BudgetPlanner(
         schedule,
         requests_per_window=settings.rate_limit,
         window=settings.rate_window,
         max_in_flight=share.max_in_flight,
         requests_per_item=1 + round(topics / len(items)),
+        times=times,
         api_second=settings.time_scale,
     )
     planner.queued = len(items)
@@ -369,12 +377,29 @@ async def _make_items(
             await progress.show()
             await asyncio.sleep(progress.tick_seconds)
 
+    async def share_times() -> None:
+        while times is not None:
+            await asyncio.sleep(SHARE_EVERY_S)
+            await _share(times)
+
     ticker = asyncio.create_task(keep_progress_moving())
+    sharer = asyncio.create_task(share_times())
     try:
         outcomes = await asyncio.gather(*(run(i, item) for i, item in enumerate(items)))
     finally:
         ticker.cancel()
+        sharer.cancel()
+    if times is not None:
+        await _share(times)  # the last ones, for the parts of a later round
     return list(outcomes), limiter.granted_total - granted_before
+
+
+@best_effort
+async def _share(times: SharedTimes) -> None:
+    """Share generation times with the batch's other parts (lost: each plans alone)."""
+    learned = await times.share()
+    if learned:
+        get_run_logger().debug("learned %d generation times from other parts", learned)
 
 
 async def _spread_over_parts(
@@ -388,13 +413,20 @@ async def _spread_over_parts(
     runs of the batch-part deployment make them, on whichever workers take them.
 
     An item an earlier run paid for costs nothing; one that would take the batch
-    over its budget is ``over_budget`` and sent to no part. A refund in a part
-    does not come back to this batch's budget (the items are already shared out).
+    over its budget is kept out. When the parts are done, what they did not
+    spend (refunds, items that failed before their submit) comes back to the
+    budget, and the items kept out get another round while they fit, in order:
+    as a batch made in one run would have sent them. What still does not fit is
+    ``over_budget``.
     """
     logger = get_run_logger()
     deployment = await _part_deployment()
+    share = share.model_copy(update={"times_group": str(flow_run.id)})
     outcomes: dict[int, ItemOutcome] = {}
     sent: list[int] = []
+    reserved: dict[int, int] = {}  # what each sent item took from the budget
+    paid_before: dict[int, bool] = {}  # an earlier run (or attempt) had paid for it
+    kept_out: list[int] = []
     for position, item in enumerate(items):
         index, key = share.indices[position], share.keys[position]
         outcome = ItemOutcome(
@@ -413,17 +445,13 @@ async def _spread_over_parts(
             )
             continue
         paid = earlier is not None and earlier.state in ("submitted", "completed")
-        if (share.own_run or not paid) and not credits.reserve(item.price):
+        paid_before[position] = paid
+        reserved[position] = item.price if share.own_run or not paid else 0
+        if reserved[position] and not credits.reserve(item.price):
             outcomes[index] = outcome.model_copy(update={"status": "over_budget"})
+            kept_out.append(position)
             continue
         sent.append(position)
-    chunks = [sent[n::parts] for n in range(parts) if sent[n::parts]]
-    logger.info(
-        "batch: %d items in %d parts of %s (any worker of the pool takes a part)",
-        len(sent),
-        len(chunks),
-        deployment,
-    )
 
     async def part(chunk: list[int]) -> BatchPart:
         sub_share = share.model_copy(
@@ -474,12 +502,48 @@ async def _spread_over_parts(
         assert run.state is not None
         return BatchPart.model_validate(await run.state.aresult())
 
-    results = await asyncio.gather(*(part(chunk) for chunk in chunks))
-    for result in results:
-        for outcome in result.outcomes:
-            outcomes[outcome.index] = outcome
+    requests = 0
+    try:
+        while sent:
+            # Each item's part follows from its place in the batch, not from which items
+            # are sent: a retried batch run finds the same parts (their idempotency keys).
+            chunks = [[p for p in sent if p % parts == n] for n in range(parts)]
+            chunks = [chunk for chunk in chunks if chunk]
+            logger.info(
+                "batch: %d items in %d parts of %s (any worker of the pool takes a part)",
+                len(sent),
+                len(chunks),
+                deployment,
+            )
+            for result in await asyncio.gather(*(part(chunk) for chunk in chunks)):
+                requests += result.requests
+                for outcome in result.outcomes:
+                    outcomes[outcome.index] = outcome
+            for position in sent:
+                done = outcomes[share.indices[position]]
+                if done.error_code == "BATCH_PART_FAILED":  # its spend is unknown: kept
+                    continue
+                spent = done.credits_used + done.credits_at_risk
+                if share.own_run and paid_before[position]:  # this run's own earlier attempt
+                    spent = max(spent, reserved[position])
+                credits.settle(reserved[position], spent)
+            sent = [p for p in kept_out if credits.reserve(items[p].price)]
+            kept_out = [p for p in kept_out if p not in sent]
+            if sent:
+                logger.info(
+                    "batch: credits the parts did not spend came back; %d items kept out of "
+                    "the budget get another round",
+                    len(sent),
+                )
+    finally:
+        await _forget_times(str(flow_run.id))
     ordered = [outcomes[index] for index in sorted(outcomes)]
-    return ordered, sum(result.requests for result in results)
+    return ordered, requests
+
+
+@best_effort
+async def _forget_times(batch: str) -> None:
+    await forget(batch)
 
 
 async def _part_deployment() -> str:

@@ -25,7 +25,9 @@ The strategy, decided again before every check:
 
 Observed times are the API's own ``generationTime``, not when we happened to
 notice completion (that would feed our own waiting back into the estimate).
-Until a tier and duration has 30, the contract's 120-480 s is mixed in.
+Until a tier and duration has 30, the contract's 120-480 s is mixed in. A
+batch in parts runs one planner per part, each learning the times every part
+of the batch observed (``tasks/times.py``).
 """
 
 from __future__ import annotations

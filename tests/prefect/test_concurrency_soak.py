@@ -4,8 +4,8 @@ Under the fault mix of ``test_soak.py`` (5xx and gateway pages, dropped
 connections before and after the server did the work, 429s, cut prompt
 streams, failed generations):
 
-1. 25 keys, each started twice at the same moment in this process;
-2. 25 keys, each started at the same moment by two worker processes;
+1. 15 keys, each started twice at the same moment in this process;
+2. 15 keys, each started at the same moment by two worker processes;
 3. runs killed with SIGKILL while queued for a rate-limit slot, while their
    submit is on the wire (a slow answer), and while watching; then rerun;
 4. a batch of topics; then the batch rerun, reversed.
@@ -47,8 +47,8 @@ from tests.helpers import (
     wait_for_state,
 )
 
-TWINS_HERE = 25
-TWINS_ACROSS = 25
+TWINS_HERE = 15
+TWINS_ACROSS = 15
 KILLED = 5
 BATCH = 12
 

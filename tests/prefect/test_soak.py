@@ -1,4 +1,4 @@
-"""Fault soak: 60 videos through the flow against a faulty simulator.
+"""Fault soak: 45 videos through the flow against a faulty simulator.
 
 Faults on every endpoint: 5xx and gateway pages (12%), dropped connections
 (7%), 429s (3%), cut prompt streams (5%) and failed generations (10%). Half
@@ -46,7 +46,7 @@ from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import DEFAULT_KEY, Faults
 from tests.helpers import SOAK_FAULTS, SOAK_SEED, MakeSimulator, use_simulator
 
-VIDEOS = 60
+VIDEOS = 45
 # The test harness's SQLite server answers 503 (database locked) when many runs
 # write at once: 5 at a time, and more client retries, keep it about our code.
 CONCURRENCY = 5
@@ -60,7 +60,7 @@ EXPECTED_FAILURES = {"GENERATION_FAILED", "SUBMIT_OUTCOME_UNKNOWN", *BEFORE_SUBM
 
 @pytest.mark.timeout(600)
 @pytest.mark.usefixtures("patient_prefect_client")
-async def test_sixty_videos_under_faults_are_paid_once_and_accounted_for(
+async def test_forty_five_videos_under_faults_are_paid_once_and_accounted_for(
     make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     assert SOAK_FAULTS.internal_error + SOAK_FAULTS.gateway_error >= 0.10

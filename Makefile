@@ -31,9 +31,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); about 6 minutes.
+bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); about 20 minutes.
 	$(PY) -m benchmarks.cli_status
 	$(PY) -m benchmarks.batch $(ARGS)
+	# 10/20/40 runs at once: the embedded SQLite server against `make cluster-up`'s topology.
+	$(PY) -m benchmarks.topology
 
 sim: $(VENV)/.installed ## The simulator on port 8765, 100x faster than real time.
 	$(PY) -m nanophoto_simulator --port 8765 --time-scale 0.01

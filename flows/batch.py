@@ -27,6 +27,7 @@ from prefect.deployments import arun_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run
+from prefect.states import Scheduled
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -78,6 +79,10 @@ MAX_PARTS: Final = 64
 PART_START_S: Final = 120.0
 PART_RESCHEDULE_S: Final = 60.0
 PART_POLL_S: Final = 2.0
+# A crashed part the automation does not schedule again (it only retries runs whose
+# heartbeats stopped; a process that could not reach the API at its start exits with an
+# error instead) is scheduled again by the batch itself, this many times at most.
+PART_RESTARTS: Final = 2
 
 
 class _ItemSource(BaseModel):
@@ -567,16 +572,33 @@ async def _follow_part(run_id: UUID) -> FlowRun | None:
     """The part's run once it has ended for good; None if no worker took it in time.
 
     A part that crashed (its worker died) is scheduled again by the
-    retry-crashed-video-runs automation: it is followed into that retry.
+    retry-crashed-video-runs automation: it is followed into that retry. One
+    the automation leaves Crashed for PART_RESCHEDULE_S (its process failed
+    at start, e.g. while its API restarted) is scheduled again from here, up
+    to PART_RESTARTS times: its records make a rerun pay for nothing twice.
     """
     waited = crashed_since = 0.0
+    restarts = 0
     async with get_client() as client:
         while True:
             run = await client.read_flow_run(run_id)
             state = run.state
             if state is not None and state.is_crashed() and run.run_count <= MAX_RUN_COUNT:
                 if crashed_since > PART_RESCHEDULE_S:
-                    return run  # not scheduled again: it ended Crashed
+                    if restarts >= PART_RESTARTS:
+                        return run  # not scheduled again: it ended Crashed
+                    restarts += 1
+                    crashed_since = 0.0
+                    await client.set_flow_run_state(
+                        run_id,
+                        Scheduled(
+                            name="AwaitingRetry",
+                            message=f"Scheduled again by its batch after a crash "
+                            f"({restarts} of {PART_RESTARTS}): {state.message}"[:500],
+                        ),
+                        force=True,
+                    )
+                    continue
                 crashed_since += PART_POLL_S
             elif state is not None and state.is_final():
                 return run

@@ -20,6 +20,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.logging.handlers import APILogHandler
 
 from flows.batch import BatchItem, batch_of_videos
 from flows.pipeline import MAX_RUN_COUNT
@@ -60,6 +61,8 @@ async def task_run_states(state: State[Any]) -> dict[str, list[str]]:
 
 
 async def run_logs(state: State[Any]) -> str:
+    """The run's log lines as the API has them, once this process has shipped them all."""
+    await APILogHandler.aflush()  # logs go out in batches: the last ones may still be queued
     async with get_client() as client:
         logs = await client.read_logs(
             LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id(state)]))

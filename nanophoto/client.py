@@ -41,12 +41,12 @@ from nanophoto.errors import (
     SubmitOutcomeUnknownError,
     TransportError,
     VideoUnavailableError,
+    answer_document,
     error_from_response,
-    json_object,
 )
 from nanophoto.models import GeneratedPrompt, PromptRequest, VideoRequest, VideoStatus
 from nanophoto.ratelimit import Priority, RequestLimiter
-from nanophoto.retry import RetryPolicy
+from nanophoto.retry import RetryPolicy, retry_note
 from nanophoto.settings import PROMPT_SKILL, VIDEO_SKILL, NanoPhotoSettings, resolve_api_key
 from nanophoto.storage import VideoStore
 
@@ -410,24 +410,10 @@ class NanoPhotoClient:
     # --- plumbing ----------------------------------------------------------------
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST; the answer's JSON document, or the error it maps to.
-
-        A document whose status is ``failed`` is an answer whatever the HTTP
-        code: the contract leaves open whether a failure comes with 200 or 500.
-        A 200 that is not JSON is a garbled answer, not a refusal: the call may
-        have been carried out.
-        """
+        """POST; the answer's JSON document, or the error it maps to (``answer_document``)."""
         with _mapped_transport_errors():
             response = await self._http.post(path, json=body)
-        document = json_object(response.content)
-        if document is not None and document.get("status") == FAILED:
-            return document
-        if response.status_code == 200:
-            if document is None:
-                raise GatewayError("HTTP 200 but the answer is not a JSON object", status=200)
-            if document.get("success") is not False:
-                return document
-        raise error_from_response(response.status_code, response.content, response.headers)
+        return answer_document(response.status_code, response.content, response.headers)
 
     async def _call(
         self,
@@ -469,12 +455,7 @@ class NanoPhotoClient:
                 delay = self.retry.delay(retry, error)
                 retry += 1
                 self._logger.warning(
-                    "%s failed with %s; retry %d of %d in %.1f s",
-                    name,
-                    error.code,
-                    retry,
-                    self.retry.max_retries,
-                    delay,
+                    "%s", retry_note(name, error, retry, self.retry.max_retries, delay)
                 )
                 await self._sleep(delay)
 

@@ -7,9 +7,8 @@ change to the contract is a change in exactly one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 DEFAULT_BASE_URL: Final = "https://nanophoto.ai"
 TOP_UP_URL: Final = "https://nanophoto.ai/settings"
@@ -25,7 +24,8 @@ ORIGIN: Final = "https://nanophoto.ai"
 REFERER: Final = "https://nanophoto.ai/"
 # HTTP statuses with which an edge refuses a client before the API sees the request.
 EDGE_REFUSALS: Final = frozenset({401, 403, 406})
-# The published prompt tool's --timeout (the video tool's is 60 s).
+# The published tools' --timeout: the video tool's, and the prompt tool's.
+TIMEOUT_S: Final = 60.0
 PROMPT_TIMEOUT_S: Final = 120.0
 
 PROMPT_PATH: Final = "/api/sora-2/generate-prompt"
@@ -156,8 +156,7 @@ PROCESSING: Final = "processing"
 GATEWAY_STATUSES: Final = frozenset({502, 503, 504, 524})
 
 
-@dataclass(frozen=True)
-class ErrorSpec:
+class ErrorSpec(NamedTuple):
     """One row of the contract's error table."""
 
     code: str

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from nanophoto.contract import EDGE_REFUSALS, ERROR_SPECS, TOP_UP_URL
+from nanophoto.contract import EDGE_REFUSALS, ERROR_SPECS, FAILED, TOP_UP_URL
 
 
 class NanoPhotoError(Exception):
@@ -239,6 +239,27 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def answer_document(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The JSON document an API answer carries, or the error the answer maps to.
+
+    A document whose status is ``failed`` is an answer whatever the HTTP
+    code: the contract leaves open whether a failure comes with 200 or 500.
+    A 200 that is not JSON is a garbled answer, not a refusal: the call may
+    have been carried out.
+    """
+    document = json_object(body)
+    if document is not None and document.get("status") == FAILED:
+        return document
+    if status == 200:
+        if document is None:
+            raise GatewayError("HTTP 200 but the answer is not a JSON object", status=200)
+        if document.get("success") is not False:
+            return document
+    raise error_from_response(status, body, headers)
 
 
 def error_from_response(

@@ -9,14 +9,14 @@ Which errors may be retried is the caller's decision: it depends on the call.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nanophoto.errors import NanoPhotoError, RateLimitError
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long to back off before calling again."""
+class RetryPolicy(NamedTuple):
+    """How often and how long to back off before calling again (a tuple: no import of
+    ``dataclasses`` for ``sora2 status``)."""
 
     max_retries: int = 3
     base_delay: float = 0.5
@@ -36,3 +36,8 @@ class RetryPolicy:
             return min(self.rate_limit_delay * 2.0**retry, self.max_retry_after)
         backoff = min(self.base_delay * 2.0**retry, self.max_delay)
         return backoff * (1 - 0.25 * random.random())
+
+
+def retry_note(call: str, error: NanoPhotoError, retry: int, max_retries: int, delay: float) -> str:
+    """What a person is told when ``call`` is tried again (``retry`` counts from 1)."""
+    return f"{call} failed with {error.code}; retry {retry} of {max_retries} in {delay:.1f} s"

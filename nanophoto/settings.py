@@ -7,11 +7,9 @@ The key is resolved as NanoPhoto's published tools do: an explicit value, then
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from pathlib import Path
 from typing import Final, Self
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,8 +19,10 @@ from nanophoto.contract import (
     DEFAULT_USER_AGENT,
     RATE_LIMIT_PER_HOUR,
     RATE_WINDOW_S,
+    TIMEOUT_S,
 )
 from nanophoto.errors import ConfigurationError, MissingAPIKeyError
+from nanophoto.lite import CONNECT_TIMEOUT_S, check_base_url, is_header_text, is_key_text
 
 VIDEO_SKILL: Final = "sora-2-generate"
 PROMPT_SKILL: Final = "video-prompt-generator"
@@ -43,9 +43,11 @@ class NanoPhotoSettings(BaseSettings):
         description="The User-Agent sent to NanoPhoto; by default the desktop Chrome one "
         "its published tools send (its edge may refuse other clients).",
     )
-    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect.")
+    connect_timeout: float = Field(
+        default=CONNECT_TIMEOUT_S, gt=0, description="Seconds to connect."
+    )
     read_timeout: float = Field(
-        default=60.0, gt=0, description="Seconds to wait for each read of an answer."
+        default=TIMEOUT_S, gt=0, description="Seconds to wait for each read of an answer."
     )
     write_timeout: float = Field(default=30.0, gt=0, description="Seconds to send.")
     max_retries: int = Field(
@@ -95,7 +97,7 @@ class NanoPhotoSettings(BaseSettings):
     @field_validator("user_agent")
     @classmethod
     def _one_header_line(cls, value: str) -> str:
-        if not (value.isascii() and value.isprintable()):
+        if not is_header_text(value):
             raise ValueError("must be printable ASCII on one line (it is sent as a header)")
         return value.strip()
 
@@ -105,29 +107,6 @@ class NanoPhotoSettings(BaseSettings):
         if "rate_window" not in self.model_fields_set:
             self.rate_window = RATE_WINDOW_S * self.time_scale
         return self
-
-
-def check_base_url(url: str) -> str:
-    """The key travels in a header: only over https, or to this machine (loopback)."""
-    parts = urlsplit(url.strip())
-    host = (parts.hostname or "").lower()
-    local = host == "localhost" or _is_loopback_address(host)
-    if parts.scheme != "https" and not (parts.scheme == "http" and local):
-        raise ValueError(
-            f"must be an https URL, or http to this machine (localhost, 127.x.x.x, ::1), "
-            f"not {url!r}: the API key would travel in clear text"
-        )
-    if not host:
-        raise ValueError(f"must name a host, not {url!r}")
-    return url.strip()
-
-
-def _is_loopback_address(host: str) -> bool:
-    """An IP address of this machine (127.0.0.0/8, ::1); never a name such as 127.evil.com."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _present(value: str | SecretStr | None) -> SecretStr | None:
@@ -141,7 +120,7 @@ def _present(value: str | SecretStr | None) -> SecretStr | None:
 def _check_key_characters(key: SecretStr, place: str) -> None:
     """Refuse a key that cannot be sent in a header, without ever echoing it."""
     raw = key.get_secret_value()
-    if not (raw.isascii() and raw.isprintable()) or any(c.isspace() for c in raw):
+    if not is_key_text(raw):
         raise ConfigurationError(
             f"the API key from {place} contains spaces, line breaks or non-ASCII "
             "characters; copy it again from https://nanophoto.ai/settings/apikeys"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import math
 import os
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -19,9 +18,11 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from nanophoto.lite import CONNECT_TIMEOUT_S
 from nanophoto.models import PromptOptions, PromptRequest, VideoOptions, VideoRequest
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import ResumeSchedule, WatchSchedule
+from sora2.quick import UsageError, finite_seconds
 
 T = TypeVar("T")
 
@@ -47,10 +48,6 @@ VIDEO_FIELDS: Final = tuple(VideoOptions.model_fields)
 PROMPT_FIELDS: Final = ("topic", *PromptOptions.model_fields)
 # The video options the prompt endpoint takes too (PromptRequest.to_wire).
 PROMPT_VIDEO_FIELDS: Final = ("mode", "duration", "image_urls")
-
-
-class UsageError(Exception):
-    """A bad argument, found before anything was sent."""
 
 
 def flag_of(field: str, command: str) -> str:
@@ -91,14 +88,6 @@ def _add_field_flag(parser: argparse.ArgumentParser, flag: str, name: str, info:
     parser.add_argument(flag, help=help_text, **options)
 
 
-def finite_seconds(text: str) -> float:
-    """A finite number of seconds (argparse type)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, not {text!r}")
-    return value
-
-
 def add_timing_flags(parser: argparse.ArgumentParser, *, from_now: bool = False) -> None:
     """The watch schedule's flags, in NanoPhoto's seconds, defaults from ``WatchSchedule``."""
     model = ResumeSchedule if from_now else WatchSchedule
@@ -114,29 +103,6 @@ def add_timing_flags(parser: argparse.ArgumentParser, *, from_now: bool = False)
             metavar="SECONDS",
             help=f"{described} (default: %(default)g)",
         )
-
-
-def add_client_flags(parser: argparse.ArgumentParser, *, read_timeout: float | None = None) -> None:
-    """The key, the HTTP time-out and the User-Agent. A flag wins only when given: else
-    the ``NANOPHOTO_*`` setting, else the published tool's default."""
-    default = read_timeout or NanoPhotoSettings.model_fields["read_timeout"].default
-    parser.add_argument(
-        "--api-key",
-        help="NanoPhoto API key (default: NANOPHOTO_API_KEY, then ~/.openclaw/openclaw.json)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=finite_seconds,
-        default=None,
-        help=f"HTTP timeout in seconds (default: NANOPHOTO_READ_TIMEOUT, else {default:g})",
-    )
-    parser.add_argument(
-        "--user-agent",
-        default=None,
-        help="the User-Agent sent to NanoPhoto (default: NANOPHOTO_USER_AGENT, else the "
-        "desktop Chrome one NanoPhoto's published tools send)",
-    )
-    parser.set_defaults(read_timeout_default=read_timeout)
 
 
 def validated(command: str, build: Callable[[], T]) -> T:
@@ -162,7 +128,9 @@ def settings_from(args: argparse.Namespace) -> NanoPhotoSettings:
     timeout = getattr(args, "timeout", None)
     if timeout is not None:
         given.update(
-            read_timeout=timeout, connect_timeout=min(timeout, 10.0), write_timeout=timeout
+            read_timeout=timeout,
+            connect_timeout=min(timeout, CONNECT_TIMEOUT_S),
+            write_timeout=timeout,
         )
     elif getattr(args, "read_timeout_default", None) and "NANOPHOTO_READ_TIMEOUT" not in os.environ:
         given["read_timeout"] = args.read_timeout_default

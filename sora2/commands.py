@@ -22,15 +22,15 @@ from nanophoto.ratelimit import RequestLimiter
 from nanophoto.settings import PROMPT_SKILL, VIDEO_SKILL, NanoPhotoSettings
 from nanophoto.watch import WatchSchedule
 from sora2.arguments import (
-    UsageError,
     prompt_request_from,
     schedule_from,
     settings_from,
     video_request_from,
     watch_schedule_from,
 )
-from sora2.output import Session
-from sora2.watching import EXIT_FAILED, EXIT_OK, follow, watch_to_end
+from sora2.output import EXIT_FAILED, EXIT_OK, Session
+from sora2.quick import UsageError, task_id_of
+from sora2.watching import follow, watch_to_end
 
 
 def _client(
@@ -51,13 +51,6 @@ def _client(
         limiter=RequestLimiter(settings.rate_limit, settings.rate_window),
         skills=skills,
     )
-
-
-def _task_id(args: argparse.Namespace) -> str:
-    task_id: str = args.task_id.strip()
-    if not task_id:
-        raise UsageError("--task-id: must be a NanoPhoto task id, not empty")
-    return task_id
 
 
 def submit(args: argparse.Namespace, session: Session) -> int:
@@ -98,7 +91,7 @@ async def _submit(
 
 def status(args: argparse.Namespace, session: Session) -> int:
     """Print a task's status, and with ``--follow`` watch it to its end."""
-    task_id = _task_id(args)
+    task_id = task_id_of(args)
     settings = settings_from(args)
     schedule = watch_schedule_from(args, settings)
     session.task_id = task_id
@@ -123,7 +116,7 @@ def status(args: argparse.Namespace, session: Session) -> int:
 
 def resume(args: argparse.Namespace, session: Session) -> int:
     """Watch a submitted task from now, download it, and print the result."""
-    task_id = _task_id(args)
+    task_id = task_id_of(args)
     try:
         filename = video_filename(task_id)  # it names the file: refuse "../x" before anything
     except ValueError as error:

@@ -7,10 +7,13 @@ characters escaped); on a terminal, stderr also shows a live progress line.
 from __future__ import annotations
 
 import json
-import logging
 import os
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Final
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
 
 
 class Output:
@@ -58,7 +61,6 @@ class Output:
             self._line = False
 
 
-@dataclass
 class Session:
     """One command's run: where it writes, and what a person must hear if it is cut short.
 
@@ -67,15 +69,31 @@ class Session:
     reached NanoPhoto.
     """
 
-    out: Output
-    task_id: str | None = None
-    submitting: bool = False
+    def __init__(self, out: Output, task_id: str | None = None) -> None:
+        self.out = out
+        self.task_id = task_id
+        self.submitting = False
 
     def note(self, message: str) -> None:
         """A note on stderr, naming the task if it is known."""
         if self.task_id and self.task_id not in message:
             message = f"{message} [task {self.task_id}]"
         self.out.note(message)
+
+    def interrupted(self) -> int:
+        """Say what a Ctrl-C left behind (a submit that may have gone, a task still
+        running); the exit code for it."""
+        if self.submitting:
+            self.note(
+                "interrupted during the submit: it may have reached NanoPhoto. Check your "
+                "account before submitting again, to avoid paying twice."
+            )
+        elif self.task_id:
+            self.note(
+                f"interrupted; {self.task_id} keeps running at NanoPhoto. Pick it up with: "
+                f"sora2 resume --task-id {self.task_id}"
+            )
+        return EXIT_INTERRUPTED
 
 
 def printable(text: str) -> str:
@@ -87,14 +105,3 @@ def clock(seconds: float) -> str:
     """``2m05s`` or ``45s``."""
     seconds = max(0, round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class NoteHandler(logging.Handler):
-    """Sends the client's retry warnings through ``Session.note``."""
-
-    def __init__(self, session: Session) -> None:
-        super().__init__(logging.INFO)
-        self.session = session
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.session.note(record.getMessage())

@@ -8,20 +8,15 @@ with the status, the elapsed time and the next check.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Final
 
 from nanophoto.client import NanoPhotoClient
 from nanophoto.errors import NanoPhotoError
 from nanophoto.models import VideoStatus
 from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import WatchSchedule, wait_notice, watch_video
-from sora2.output import Session
-
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_INTERRUPTED: Final = 130
+from sora2.output import EXIT_FAILED, EXIT_OK, Session
 
 
 async def follow(
@@ -91,3 +86,14 @@ async def watch_to_end(
     if final.is_failed:
         session.note(f"video {task_id} failed: [{final.error_code}] {final.error or ''}".rstrip())
     return final
+
+
+class NoteHandler(logging.Handler):
+    """Sends the client's retry warnings through ``Session.note``."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(logging.INFO)
+        self.session = session
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.session.note(record.getMessage())

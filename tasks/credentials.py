@@ -21,7 +21,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from nanophoto.client import NanoPhotoClient
 from nanophoto.errors import ConfigurationError
-from nanophoto.settings import NanoPhotoSettings, check_base_url
+from nanophoto.lite import check_base_url
+from nanophoto.settings import NanoPhotoSettings
 from tasks.ratelimit import shared_limiter
 
 DEFAULT_BLOCK_NAME: Final = "nanophoto"

@@ -28,6 +28,7 @@ from flows.submissions import submissions
 from flows.video import prompt_to_video
 from nanophoto.errors import GenerationFailedError
 from nanophoto.models import VideoRequest, VideoResult, VideoStatus, fingerprint
+from nanophoto.settings import NanoPhotoSettings
 from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import Simulator
 from tasks.submissions import ClaimLostError, SubmissionRecord, SubmissionStore, record_path
@@ -179,7 +180,9 @@ async def test_a_retried_run_counts_what_its_crashed_attempt_paid_another_run_do
     finding the same video spent nothing."""
     key = fresh("own")
     request = VideoRequest(prompt="own: a lantern on a canal")
-    how = Watching(WatchSchedule(), output_dir=str(tmp_path), artifacts=False)
+    # make_video_once takes the schedule on the flow's clock, as the flows pass it.
+    schedule = WatchSchedule().on_clock(NanoPhotoSettings().time_scale)
+    how = Watching(schedule, output_dir=str(tmp_path), artifacts=False)
     first, retried = await _twice_in_one_flow_run(request, key, how)
     assert (first.video_credits, first.earlier) == (request.cost, False)
     assert (retried.video_credits, retried.earlier) == (request.cost, False)  # its own attempt

@@ -34,6 +34,8 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); about 20 minutes.
 	$(PY) -m benchmarks.cli_status
 	$(PY) -m benchmarks.batch $(ARGS)
+	# Where the orchestration CPU of a video goes: task runs, events, logs, leases, records.
+	$(PY) -m benchmarks.profile
 	# 10/20/40 runs at once: the embedded SQLite server against `make cluster-up`'s topology.
 	$(PY) -m benchmarks.topology
 

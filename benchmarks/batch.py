@@ -200,7 +200,29 @@ def arm_main(args: argparse.Namespace) -> int:
     runner = {"ours": _run_ours, "baseline": _run_baseline, "scale": _run_scale}[args.arm]
 
     async def run_and_exit() -> None:
-        result = await runner(args)
+        if args.profile:
+            import cProfile
+
+            from benchmarks.profile import count_calls, prefect_counts, summarize
+
+            calls = count_calls()
+            profiler = cProfile.Profile(time.thread_time)  # CPU, not waiting
+            main_thread = time.thread_time()
+            profiler.enable()
+            result = await runner(args)
+            profiler.disable()
+            profiler.dump_stats(args.profile.with_suffix(".pstats"))  # for pstats or snakeviz
+            by_group, top = summarize(profiler)
+            figures = {
+                "cpu_by_group": by_group,
+                "top_functions": top,
+                "cpu_main_thread": time.thread_time() - main_thread,
+                "calls": dict(calls),
+                "prefect": await prefect_counts(),  # what the flow left on its server
+            }
+            args.profile.write_text(json.dumps(figures))
+        else:
+            result = await runner(args)
         result.update(tree_usage())
         print(RESULT + json.dumps(result), flush=True)
         # Out at once, measured: not after Prefect's shutdown (its server, its threads).
@@ -375,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--arm", choices=["ours", "baseline", "scale"], help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.arm:
         args.time_scale = args.time_scale or 0.01

@@ -44,7 +44,7 @@ from nanophoto.models import (
     VideoStatus,
     fingerprint,
 )
-from nanophoto.settings import NanoPhotoSettings
+from nanophoto.settings import current_settings
 from nanophoto.storage import VideoStore
 from nanophoto.watch import CheckPlan, CheckStatus, WatchSchedule, wait_notice, watch_video
 from tasks.credentials import open_client
@@ -101,7 +101,7 @@ def on_our_clock(schedule: WatchSchedule) -> WatchSchedule:
     time-compressed simulator (``make sim``: 0.01) the same form values run
     100 times faster, so the UI's defaults work against the sandbox too.
     """
-    return schedule.on_clock(NanoPhotoSettings().time_scale)
+    return schedule.on_clock(current_settings().time_scale)
 
 
 @dataclass(frozen=True)
@@ -520,7 +520,7 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
     task_id, submitted_at = video.task_id, video.submitted_at
     schedule = how.schedule
     progress = (
-        WaitProgress(task_id, schedule.expected_generation, NanoPhotoSettings().time_scale)
+        WaitProgress(task_id, schedule.expected_generation, current_settings().time_scale)
         if how.artifacts
         else None
     )
@@ -547,7 +547,7 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
         logger.warning("status check failed (%s); still watching %s", error, task_id)
 
     def note_wait(seconds: float, left: float) -> None:
-        notice = wait_notice(task_id, seconds, left, NanoPhotoSettings().time_scale)
+        notice = wait_notice(task_id, seconds, left, current_settings().time_scale)
         hint = f" (resume-video, task_id={task_id})" if seconds >= left else ""
         logger.warning("%s%s", notice, hint)
 

@@ -8,6 +8,7 @@ The key is resolved as NanoPhoto's published tools do: an explicit value, then
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Final, Self
 
@@ -109,6 +110,27 @@ class NanoPhotoSettings(BaseSettings):
         return self
 
 
+def current_settings() -> NanoPhotoSettings:
+    """The settings the environment gives now, built once per distinct ``NANOPHOTO_*`` set.
+
+    Building them is a pass of pydantic-settings over every field and variable,
+    and a batch asks before every call. The result is shared: read it, never
+    change it (build a ``NanoPhotoSettings`` of your own for that).
+    """
+    snapshot = tuple(
+        sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("NANOPHOTO_"))
+    )
+    settings = _CURRENT.get(snapshot)
+    if settings is None:
+        if len(_CURRENT) >= 64:  # environments come and go in tests: keep a few
+            _CURRENT.clear()
+        settings = _CURRENT[snapshot] = NanoPhotoSettings()
+    return settings
+
+
+_CURRENT: dict[tuple[tuple[str, str], ...], NanoPhotoSettings] = {}
+
+
 def _present(value: str | SecretStr | None) -> SecretStr | None:
     """An empty or blank value counts as missing, as in the published tools."""
     if value is None:
@@ -150,7 +172,7 @@ def resolve_api_key(
     (for example a Prefect block), then the OpenClaw file's entry for each of
     ``skills``. Raises ``MissingAPIKeyError`` naming every place looked at.
     """
-    settings = settings or NanoPhotoSettings()
+    settings = settings or current_settings()
     candidates: list[tuple[str, str | SecretStr | None]] = [
         ("the explicit key", explicit),
         ("NANOPHOTO_API_KEY", settings.api_key),

@@ -14,7 +14,7 @@ import time
 from nanophoto.client import NanoPhotoClient
 from nanophoto.errors import NanoPhotoError
 from nanophoto.models import VideoStatus
-from nanophoto.settings import NanoPhotoSettings
+from nanophoto.settings import current_settings
 from nanophoto.watch import WatchSchedule, wait_notice, watch_video
 from sora2.output import EXIT_FAILED, EXIT_OK, Session
 
@@ -58,7 +58,7 @@ async def watch_to_end(
         session.note(f"check failed ({error.code}); still watching {task_id}")
 
     def waiting(seconds: float, left: float) -> None:
-        notice = wait_notice(task_id, seconds, left, NanoPhotoSettings().time_scale)
+        notice = wait_notice(task_id, seconds, left, current_settings().time_scale)
         hint = f" (sora2 resume --task-id {task_id})" if seconds >= left else ""
         session.note(notice + hint)
 

@@ -22,7 +22,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from nanophoto.client import NanoPhotoClient
 from nanophoto.errors import ConfigurationError
 from nanophoto.lite import check_base_url
-from nanophoto.settings import NanoPhotoSettings
+from nanophoto.settings import NanoPhotoSettings, current_settings
 from tasks.ratelimit import shared_limiter
 
 DEFAULT_BLOCK_NAME: Final = "nanophoto"
@@ -121,7 +121,7 @@ async def open_client() -> AsyncIterator[NanoPhotoClient]:
     The block is loaded only when the environment has no key, so a worker
     configured by environment makes no extra API call per task.
     """
-    settings = NanoPhotoSettings()
+    settings = current_settings()
     extra: tuple[tuple[str, SecretStr | None], ...] = ()
     if settings.api_key is None or not settings.api_key.get_secret_value().strip():
         block = await _credentials_for_this_run()

@@ -37,7 +37,7 @@ from prefect.exceptions import ObjectNotFound
 
 from nanophoto.errors import ConfigurationError, NanoPhotoError
 from nanophoto.ratelimit import WINDOW_MARGIN, RequestLimiter
-from nanophoto.settings import NanoPhotoSettings
+from nanophoto.settings import NanoPhotoSettings, current_settings
 
 RATE_LIMIT_NAME: Final = "nanophoto-api"
 _MIN_LEASE_S: Final = 60.0  # the Prefect server refuses shorter leases
@@ -283,7 +283,7 @@ _limiters: dict[tuple[int, int, float], tuple[asyncio.AbstractEventLoop, Request
 
 def shared_limiter(settings: NanoPhotoSettings | None = None) -> RequestLimiter:
     """This process's limiter for the key, drawing on the global limit (one per event loop)."""
-    settings = settings or NanoPhotoSettings()
+    settings = settings or current_settings()
     loop = asyncio.get_running_loop()
     key = (id(loop), settings.rate_limit, settings.rate_window)
     entry = _limiters.get(key)

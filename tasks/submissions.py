@@ -53,7 +53,7 @@ from pydantic import BaseModel, StringConstraints, ValidationError
 
 from nanophoto.errors import ConfigurationError, NanoPhotoError
 from nanophoto.models import VideoJob, VideoResult
-from nanophoto.settings import NanoPhotoSettings
+from nanophoto.settings import current_settings
 from tasks.locks import REDIS_URL_VARIABLE, KeyBusyError, key_lock, lock_manager
 
 FOLDER: Final = "sora2-submissions"
@@ -446,12 +446,12 @@ def key_wait() -> float:
             raise ConfigurationError(
                 f"{KEY_WAIT_VARIABLE}: must be seconds, not {given!r}"
             ) from None
-    return max(KEY_WAIT_S * NanoPhotoSettings().time_scale, KEY_WAIT_MIN_S)
+    return max(KEY_WAIT_S * current_settings().time_scale, KEY_WAIT_MIN_S)
 
 
 def claim_ttl() -> float:
     """Seconds a claim lives unless its run renews it."""
-    return max(CLAIM_TTL_S * NanoPhotoSettings().time_scale, CLAIM_TTL_MIN_S)
+    return max(CLAIM_TTL_S * current_settings().time_scale, CLAIM_TTL_MIN_S)
 
 
 def new_claim_token() -> str:

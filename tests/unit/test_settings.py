@@ -10,7 +10,7 @@ from pydantic import SecretStr
 
 from nanophoto.client import NanoPhotoClient
 from nanophoto.errors import MissingAPIKeyError
-from nanophoto.settings import NanoPhotoSettings, resolve_api_key
+from nanophoto.settings import NanoPhotoSettings, current_settings, resolve_api_key
 
 SECRET = "np-live-secret-1234567890"
 
@@ -89,6 +89,23 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("NANOPHOTO_READ_TIMEOUT", "5")
     settings = NanoPhotoSettings()
     assert (settings.base_url, settings.read_timeout) == ("http://127.0.0.1:8765", 5.0)
+
+
+def test_shared_settings_follow_every_change_of_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-process settings are built once per environment, never served stale."""
+    monkeypatch.setenv("NANOPHOTO_READ_TIMEOUT", "5")
+    first = current_settings()
+    assert current_settings() is first  # built once, not before every call
+    monkeypatch.setenv("NANOPHOTO_READ_TIMEOUT", "7")
+    assert current_settings().read_timeout == 7.0
+    monkeypatch.delenv("NANOPHOTO_READ_TIMEOUT")
+    monkeypatch.setenv("nanophoto_read_timeout", "9")  # any case, as pydantic reads it
+    assert current_settings().read_timeout == 9.0
+    monkeypatch.setenv("NANOPHOTO_READ_TIMEOUT", "5")
+    monkeypatch.delenv("nanophoto_read_timeout")
+    assert current_settings() is first
 
 
 @pytest.mark.parametrize(

@@ -751,7 +751,12 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
         return planner.track(task_id, item.model_tier, item.duration, submitted_at)
 
     how = Watching(
-        context.schedule, context.output_dir, plan=plan, artifacts=False, checks_as_tasks=False
+        context.schedule,
+        context.output_dir,
+        plan=plan,
+        artifacts=False,
+        checks_as_tasks=False,
+        live_prompt=False,
     )
     try:
         result = await make_video_once(

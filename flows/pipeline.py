@@ -113,6 +113,7 @@ class Watching:
     plan: PlanFactory | None = None  # a batch's budget-aware check times, else the schedule
     artifacts: bool = True  # a progress bar and a link per video (a batch has one table)
     checks_as_tasks: bool = True  # each check a task run; a batch makes plain client calls
+    live_prompt: bool = True  # the prompt logged line by line; a batch logs it in one record
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,7 @@ async def _prompt_and_submit(
     started = time.monotonic()
     if isinstance(job, PromptRequest) and not claimed.prompt:
         try:
-            generated = await generate_prompt(job)
+            generated = await generate_prompt(job, live=how.live_prompt)
         except NanoPhotoError as error:
             spend.prompt_credits += PROMPT_COST * error.prompt_streams_charged
             spend.at_risk += PROMPT_COST * error.prompt_streams_at_risk

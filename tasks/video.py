@@ -51,14 +51,20 @@ OutputDir = Annotated[str, Field(validate_default=True), AfterValidator(confine_
 
 
 class _LineLogger:
-    """Logs streamed text a whole line at a time, as it arrives."""
+    """Logs streamed text a whole line at a time, as it arrives; or, not ``live``, all of
+    it in one record at the end (a batch: one log record per prompt instead of a dozen,
+    each stored by the Prefect server)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, live: bool = True) -> None:
         self._logger = get_run_logger()
         self._pending = ""
+        self._live = live
 
     def feed(self, text: str) -> None:
-        *lines, self._pending = (self._pending + text).split("\n")
+        self._pending += text
+        if not self._live:
+            return
+        *lines, self._pending = self._pending.split("\n")
         for line in lines:
             self._logger.info("prompt | %s", line)
 
@@ -70,7 +76,8 @@ class _LineLogger:
 
     def flush(self) -> None:
         if self._pending:
-            self._logger.info("prompt | %s", self._pending)
+            text = self._pending.rstrip("\n").replace("\n", "\nprompt | ")
+            self._logger.info("prompt | %s", text)
             self._pending = ""
 
 
@@ -82,16 +89,17 @@ class CheckFailed:
 
 
 @task(name="generate-prompt", cache_policy=NO_CACHE, retries=0)
-async def generate_prompt(request: PromptRequest) -> GeneratedPrompt:
+async def generate_prompt(request: PromptRequest, live: bool = True) -> GeneratedPrompt:
     """Stream a structured video prompt for a topic, logging it as it is written.
 
     Args:
         request: The topic and how to film it.
+        live: Log each line as it arrives; False: the whole prompt in one record.
 
     Returns:
         The whole prompt text, and how many prompt streams may have been charged.
     """
-    lines = _LineLogger()
+    lines = _LineLogger(live=live)
     async with open_client() as client:
         prompt = await client.generate_prompt(request, on_text=lines.feed, on_discard=lines.discard)
     lines.flush()

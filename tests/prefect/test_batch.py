@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from prefect import get_client
@@ -11,10 +12,14 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 from prefect.exceptions import ParameterTypeError
+from prefect.logging.handlers import APILogHandler
 
 from flows.batch import BatchItem, batch_of_videos
+from flows.video import topic_to_video
 from nanophoto.contract import ModelTier
 from nanophoto.watch import WatchSchedule
 from nanophoto_simulator import DEFAULT_KEY
@@ -140,3 +145,34 @@ async def test_a_tight_budget_is_never_exceeded_and_binds_the_checks(
     # Checks went where videos were done: close to one per video.
     checks = ledger["requests"][DEFAULT_KEY]["check-status"]
     assert checks <= 12 * 1.5, checks
+
+
+async def _prompt_records(flow_run_id: UUID | None) -> list[str]:
+    """The log records of a run that carry its prompt, as the Prefect server stored them."""
+    await APILogHandler.aflush()  # logs go out in batches: the last ones may still be queued
+    async with get_client() as client:
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs if log.message.startswith("prompt | ")]
+
+
+async def test_a_batch_logs_each_prompt_in_one_record_a_single_video_line_by_line(
+    api: Simulator, tmp_path: Path
+) -> None:
+    """A person watching one video sees its prompt as it is written; a batch stores one
+    record per prompt (a dozen lines each would be most of what its server stores)."""
+    one = await topic_to_video(
+        topic="Logs: a fox at dawn", schedule=FAST, output_dir=str(tmp_path), return_state=True
+    )
+    lines = await _prompt_records(one.state_details.flow_run_id)
+    assert len(lines) > 3  # one record per line, as it arrived
+    assert all("\n" not in line for line in lines)
+    batch = await batch_of_videos(
+        items=[BatchItem(topic=f"Logs {i}: a heron in the reeds") for i in range(2)],
+        output_dir=str(tmp_path),
+        return_state=True,
+    )
+    records = await _prompt_records(batch.state_details.flow_run_id)
+    assert len(records) == 2, records
+    for record in records:
+        assert record.count("\n") >= 3  # the whole prompt, each line marked as streamed ones are
+        assert all(line.startswith("prompt | ") for line in record.splitlines())

@@ -306,6 +306,9 @@ def record_files(storage: WritableFileSystem) -> RecordFiles:
     )
 
 
+_RUN_STORES_KEPT: Final = 64
+
+
 class SubmissionStore:
     """Reads and writes submission records, and holds their keys' locks."""
 
@@ -323,7 +326,26 @@ class SubmissionStore:
 
     @classmethod
     async def default(cls) -> SubmissionStore:
-        """The store in Prefect's default result storage."""
+        """The store in Prefect's default result storage, found once per flow run.
+
+        Finding it asks the Prefect API for the server's default storage; a batch
+        asked before every item's every step (2,000 calls for 500 videos, most of
+        its CPU). A run keeps the store it found, so it also never switches stores
+        midway; the settings that choose the store are part of the key.
+        """
+        run = flow_run.id
+        settings = get_current_settings()
+        key = (
+            str(run),
+            str(settings.api.url),
+            str(settings.results.default_storage_block),
+            str(settings.results.local_storage_path),
+            os.environ.get(REDIS_URL_VARIABLE, ""),
+            os.environ.get(LOCAL_LOCKS_VARIABLE, ""),
+        )
+        store = _RUN_STORES.get(key) if run else None
+        if store is not None:
+            return store
         try:
             storage = await aget_default_result_storage()
         except Exception as error:
@@ -331,7 +353,12 @@ class SubmissionStore:
                 f"could not open the result storage that keeps submission records "
                 f"({type(error).__name__}); not submitting, to avoid paying twice"
             ) from error
-        return cls(record_files(storage))
+        store = cls(record_files(storage))
+        if run:
+            if len(_RUN_STORES) >= _RUN_STORES_KEPT:
+                _RUN_STORES.pop(next(iter(_RUN_STORES)))  # the oldest run's
+            _RUN_STORES[key] = store
+        return store
 
     async def read(self, key: str) -> SubmissionRecord | None:
         """The record for ``key``; None only when there surely is none."""
@@ -447,6 +474,10 @@ def key_wait() -> float:
                 f"{KEY_WAIT_VARIABLE}: must be seconds, not {given!r}"
             ) from None
     return max(KEY_WAIT_S * current_settings().time_scale, KEY_WAIT_MIN_S)
+
+
+# Each flow run's store (``SubmissionStore.default``), by run and the settings choosing it.
+_RUN_STORES: dict[tuple[str, ...], SubmissionStore] = {}
 
 
 def claim_ttl() -> float:

@@ -15,12 +15,14 @@ from typing import Any
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from prefect import flow
 from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
 from prefect_aws import AwsClientParameters, AwsCredentials
 from prefect_aws.s3 import S3Bucket
 
 from flows.video import prompt_to_video
 from nanophoto_simulator import Simulator
+from tasks import submissions as submissions_module
 from tasks.submissions import S3Records, SubmissionStore
 from tests.helpers import exception_text, free_port
 
@@ -111,3 +113,25 @@ async def test_shared_records_without_a_shared_lock_are_refused_before_any_reque
     message = await exception_text(state)
     assert "SORA2_LOCK_REDIS_URL" in message
     assert api.snapshot()["total_requests"] == 0
+
+
+async def test_a_run_finds_its_record_store_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each lookup asked the Prefect API: a batch made thousands. A run keeps what it found;
+    another run looks again (its settings, or the server's default, may have changed)."""
+    found = 0
+    real = submissions_module.aget_default_result_storage
+
+    async def counted() -> Any:
+        nonlocal found
+        found += 1
+        return await real()
+
+    monkeypatch.setattr(submissions_module, "aget_default_result_storage", counted)
+
+    @flow
+    async def two_lookups() -> bool:
+        return await SubmissionStore.default() is await SubmissionStore.default()
+
+    assert await two_lookups()
+    assert await two_lookups()
+    assert found == 2

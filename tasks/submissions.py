@@ -337,15 +337,29 @@ class SubmissionStore:
         settings = get_current_settings()
         key = (
             str(run),
+            str(id(asyncio.get_running_loop())),  # a future waits on its own loop only
             str(settings.api.url),
             str(settings.results.default_storage_block),
             str(settings.results.local_storage_path),
             os.environ.get(REDIS_URL_VARIABLE, ""),
             os.environ.get(LOCAL_LOCKS_VARIABLE, ""),
         )
-        store = _RUN_STORES.get(key) if run else None
-        if store is not None:
-            return store
+        if not run:
+            return await cls._found()
+        finding = _RUN_STORES.get(key)
+        if finding is None:  # the first of a batch's items to ask: the others wait for it
+            if len(_RUN_STORES) >= _RUN_STORES_KEPT:
+                _RUN_STORES.pop(next(iter(_RUN_STORES)))  # the oldest run's
+            finding = _RUN_STORES[key] = asyncio.ensure_future(cls._found())
+        try:
+            return await asyncio.shield(finding)  # one item cancelled cancels no other's
+        except Exception:
+            if _RUN_STORES.get(key) is finding:
+                del _RUN_STORES[key]  # not found: the next step asks again
+            raise
+
+    @classmethod
+    async def _found(cls) -> SubmissionStore:
         try:
             storage = await aget_default_result_storage()
         except Exception as error:
@@ -353,12 +367,7 @@ class SubmissionStore:
                 f"could not open the result storage that keeps submission records "
                 f"({type(error).__name__}); not submitting, to avoid paying twice"
             ) from error
-        store = cls(record_files(storage))
-        if run:
-            if len(_RUN_STORES) >= _RUN_STORES_KEPT:
-                _RUN_STORES.pop(next(iter(_RUN_STORES)))  # the oldest run's
-            _RUN_STORES[key] = store
-        return store
+        return cls(record_files(storage))
 
     async def read(self, key: str) -> SubmissionRecord | None:
         """The record for ``key``; None only when there surely is none."""
@@ -477,7 +486,7 @@ def key_wait() -> float:
 
 
 # Each flow run's store (``SubmissionStore.default``), by run and the settings choosing it.
-_RUN_STORES: dict[tuple[str, ...], SubmissionStore] = {}
+_RUN_STORES: dict[tuple[str, ...], asyncio.Future[SubmissionStore]] = {}
 
 
 def claim_ttl() -> float:

@@ -7,6 +7,7 @@ is "no record"; a store that cannot be reached stops the run before it submits.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,3 +136,25 @@ async def test_a_run_finds_its_record_store_once(monkeypatch: pytest.MonkeyPatch
     assert await two_lookups()
     assert await two_lookups()
     assert found == 2
+
+
+async def test_items_asking_at_once_find_the_store_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's items all ask as it starts: they wait for the first one's answer."""
+    found = 0
+    real = submissions_module.aget_default_result_storage
+
+    async def counted() -> Any:
+        nonlocal found
+        found += 1
+        await asyncio.sleep(0.05)  # the API's answer takes a while
+        return await real()
+
+    monkeypatch.setattr(submissions_module, "aget_default_result_storage", counted)
+
+    @flow
+    async def many_at_once() -> int:
+        stores = await asyncio.gather(*(SubmissionStore.default() for _ in range(50)))
+        return len({id(store) for store in stores})
+
+    assert await many_at_once() == 1
+    assert found == 1

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from nanophoto.contract import GENERATION_RANGE_S
+from nanophoto.ratelimit import RequestLimiter
 from nanophoto.watch import CheckPlan, WatchSchedule
 
 BINDING_QUANTILE: Final = 0.98
@@ -134,6 +135,7 @@ class BudgetPlanner:
         quantile: float = BINDING_QUANTILE,
         api_second: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        limiter: RequestLimiter | None = None,
     ) -> None:
         self.schedule = schedule
         self.requests_per_window = requests_per_window
@@ -145,6 +147,8 @@ class BudgetPlanner:
         self.api_second = api_second
         self.queued = 0  # items not yet submitted; the batch keeps it current
         self._clock = clock
+        # Each planned check is reserved in the limiter (same clock): submits pace around it.
+        self.limiter = limiter
         self._videos: dict[str, _Video] = {}
         self.binding_decisions = 0
         self.eager_decisions = 0
@@ -161,6 +165,8 @@ class BudgetPlanner:
     def finish(self, task_id: str, generation_time: float | None = None) -> None:
         """Stop planning for a video; learn from its ``generationTime`` (API seconds)."""
         video = self._videos.pop(task_id, None)
+        if self.limiter is not None:
+            self.limiter.unreserve(task_id)
         if video is not None and generation_time is not None:
             self.times.observe(video.tier, video.duration, generation_time)
 
@@ -185,7 +191,15 @@ class BudgetPlanner:
         return demand > self.requests_per_window
 
     def check_time(self, task_id: str, index: int, elapsed: float) -> float:
-        """When (seconds after submit) to make check ``index`` of ``task_id``, now ``elapsed``."""
+        """When (seconds after submit) to make check ``index`` of ``task_id``, now ``elapsed``;
+        reserved in the limiter, if any, so that the check finds a slot then."""
+        at = self._check_time(task_id, index, elapsed)
+        video = self._videos.get(task_id)
+        if self.limiter is not None and video is not None:
+            self.limiter.reserve(task_id, video.submitted_at + at)
+        return at
+
+    def _check_time(self, task_id: str, index: int, elapsed: float) -> float:
         video = self._videos.get(task_id)
         if video is None or not self.is_binding():
             self.eager_decisions += 1

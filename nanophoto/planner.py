@@ -17,11 +17,15 @@ The strategy, decided again before every check:
   done (their 98th percentile, plus a second). If it is not done yet, the
   next check goes where the times still possible put the same percentile,
   or one interval on, doubling while no observed time reaches that far.
-  Submits go before checks (the limiter's priority): a submit starts a
-  generation that runs while we wait, a check only learns sooner what is
-  already under way. Seeing a video late costs nothing but latency; the
-  batch keeps enough videos in flight that the budget, not the wait, sets
-  the pace.
+  Seeing a video late costs nothing but latency; the batch keeps enough
+  videos in flight that the budget, not the wait, sets the pace.
+* **Submits paced around the plan**: each check time chosen here is
+  reserved in the process's ``RequestLimiter`` (``limiter=``). A due check
+  goes before waiting submits and prompts, and those are granted only while
+  every check reserved within the next window still finds a slot at its time
+  (a submit's slot stays taken for a window). Without it, a check due while
+  submits queue waited for a slot behind them, and a video was seen minutes
+  later than planned. ``finish`` drops a video's reservation.
 
 Observed times are the API's own ``generationTime``, not when we happened to
 notice completion (that would feed our own waiting back into the estimate).

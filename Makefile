@@ -31,7 +31,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); about 20 minutes.
+bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); about 30 minutes.
 	$(PY) -m benchmarks.cli_status
 	$(PY) -m benchmarks.batch $(ARGS)
 	# Where the orchestration CPU of a video goes: task runs, events, logs, leases, records.

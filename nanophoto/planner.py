@@ -23,9 +23,8 @@ The strategy, decided again before every check:
   reserved in the process's ``RequestLimiter`` (``limiter=``). A due check
   goes before waiting submits and prompts, and those are granted only while
   every check reserved within the next window still finds a slot at its time
-  (a submit's slot stays taken for a window). Without it, a check due while
-  submits queue waited for a slot behind them, and a video was seen minutes
-  later than planned. ``finish`` drops a video's reservation.
+  (a submit's slot stays taken for a window), instead of a check due while
+  submits queue waiting behind them. ``finish`` drops a video's reservation.
 
 Observed times are the API's own ``generationTime``, not when we happened to
 notice completion (that would feed our own waiting back into the estimate).

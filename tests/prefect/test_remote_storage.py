@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import prefect.results
 import pytest
 from moto.server import ThreadedMotoServer
 from prefect import flow
@@ -120,7 +121,7 @@ async def test_a_run_finds_its_record_store_once(monkeypatch: pytest.MonkeyPatch
     """Each lookup asked the Prefect API: a batch made thousands. A run keeps what it found;
     another run looks again (its settings, or the server's default, may have changed)."""
     found = 0
-    real = submissions_module.aget_default_result_storage
+    real = prefect.results.aget_default_result_storage
 
     async def counted() -> Any:
         nonlocal found
@@ -141,7 +142,7 @@ async def test_a_run_finds_its_record_store_once(monkeypatch: pytest.MonkeyPatch
 async def test_items_asking_at_once_find_the_store_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch's items all ask as it starts: they wait for the first one's answer."""
     found = 0
-    real = submissions_module.aget_default_result_storage
+    real = prefect.results.aget_default_result_storage
 
     async def counted() -> Any:
         nonlocal found

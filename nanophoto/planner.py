@@ -17,14 +17,11 @@ The strategy, decided again before every check:
   done (their 98th percentile, plus a second). If it is not done yet, the
   next check goes where the times still possible put the same percentile,
   or one interval on, doubling while no observed time reaches that far.
-  Seeing a video late costs nothing but latency; the batch keeps enough
-  videos in flight that the budget, not the wait, sets the pace.
-* **Submits paced around the plan**: each check time chosen here is
-  reserved in the process's ``RequestLimiter`` (``limiter=``). A due check
-  goes before waiting submits and prompts, and those are granted only while
-  every check reserved within the next window still finds a slot at its time
-  (a submit's slot stays taken for a window), instead of a check due while
-  submits queue waiting behind them. ``finish`` drops a video's reservation.
+  Submits go before checks (the limiter's priority): a submit starts a
+  generation that runs while we wait, a check only learns sooner what is
+  already under way. Seeing a video late costs nothing but latency; the
+  batch keeps enough videos in flight that the budget, not the wait, sets
+  the pace.
 
 Observed times are the API's own ``generationTime``, not when we happened to
 notice completion (that would feed our own waiting back into the estimate).
@@ -45,7 +42,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from nanophoto.contract import GENERATION_RANGE_S
-from nanophoto.ratelimit import RequestLimiter
 from nanophoto.watch import CheckPlan, WatchSchedule
 
 BINDING_QUANTILE: Final = 0.98
@@ -138,7 +134,6 @@ class BudgetPlanner:
         quantile: float = BINDING_QUANTILE,
         api_second: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
-        limiter: RequestLimiter | None = None,
     ) -> None:
         self.schedule = schedule
         self.requests_per_window = requests_per_window
@@ -150,8 +145,6 @@ class BudgetPlanner:
         self.api_second = api_second
         self.queued = 0  # items not yet submitted; the batch keeps it current
         self._clock = clock
-        # Each planned check is reserved in the limiter (same clock): submits pace around it.
-        self.limiter = limiter
         self._videos: dict[str, _Video] = {}
         self.binding_decisions = 0
         self.eager_decisions = 0
@@ -168,8 +161,6 @@ class BudgetPlanner:
     def finish(self, task_id: str, generation_time: float | None = None) -> None:
         """Stop planning for a video; learn from its ``generationTime`` (API seconds)."""
         video = self._videos.pop(task_id, None)
-        if self.limiter is not None:
-            self.limiter.unreserve(task_id)
         if video is not None and generation_time is not None:
             self.times.observe(video.tier, video.duration, generation_time)
 
@@ -194,15 +185,7 @@ class BudgetPlanner:
         return demand > self.requests_per_window
 
     def check_time(self, task_id: str, index: int, elapsed: float) -> float:
-        """When (seconds after submit) to make check ``index`` of ``task_id``, now ``elapsed``;
-        reserved in the limiter, if any, so that the check finds a slot then."""
-        at = self._check_time(task_id, index, elapsed)
-        video = self._videos.get(task_id)
-        if self.limiter is not None and video is not None:
-            self.limiter.reserve(task_id, video.submitted_at + at)
-        return at
-
-    def _check_time(self, task_id: str, index: int, elapsed: float) -> float:
+        """When (seconds after submit) to make check ``index`` of ``task_id``, now ``elapsed``."""
         video = self._videos.get(task_id)
         if video is None or not self.is_binding():
             self.eager_decisions += 1

@@ -348,10 +348,10 @@ async def _make_items(
         requests_per_item=1 + round(topics / len(items)),
         times=times,
         api_second=settings.time_scale,
-        limiter=(limiter := shared_limiter(settings)),
     )
     planner.queued = len(items)
     slots = asyncio.Semaphore(share.max_in_flight)
+    limiter = shared_limiter(settings)
     granted_before = limiter.granted_total
     progress = BatchProgress(len(items), schedule.expected_generation)
 

@@ -349,11 +349,7 @@ class NanoPhotoClient:
                 raise GatewayError(f"malformed status answer: {_first(error)}") from None
 
         return await self._call(
-            "check-status",
-            attempt,
-            retry_if=_transient_not_rate_limit,
-            priority=Priority.CHECK,
-            reservation=task_id,  # the slot its plan kept free
+            "check-status", attempt, retry_if=_transient_not_rate_limit, priority=Priority.CHECK
         )
 
     async def download_finished(
@@ -453,7 +449,6 @@ class NanoPhotoClient:
         *,
         retry_if: Callable[[NanoPhotoError], bool],
         priority: Priority | None = None,
-        reservation: str = "",
         before_attempt: Callable[[], Awaitable[None]] | None = None,
         after_unsent: Callable[[NanoPhotoError], Awaitable[None]] | None = None,
         attempt_timeout: float | Literal["default"] | None = "default",
@@ -467,7 +462,7 @@ class NanoPhotoClient:
         retry = 0
         while True:
             if priority is not None and self.limiter is not None:
-                await self.limiter.acquire(priority, reservation=reservation)
+                await self.limiter.acquire(priority)
             if before_attempt is not None:
                 await before_attempt()
             try:

@@ -237,21 +237,13 @@ class PrefectRequestBudget:
         )
 
     async def _release_now(self, lease_ids: list[UUID]) -> None:
-        """Release these leases at once, with one client; one that cannot be released
-        expires on its own. (A client per lease cost a CA bundle load and a CSRF call
-        each, while the budget's other calls waited: checks went out seconds late.)"""
-        if not lease_ids:
-            return
-        try:
-            async with get_client() as client:
-                for lease_id in lease_ids:
-                    try:
-                        async with self._calls:
-                            await client.release_concurrency_slots_with_lease(lease_id)
-                    except Exception as error:
-                        _logger.debug("could not release lease %s: %s", lease_id, error)
-        except Exception as error:  # no client: the leases expire on their own
-            _logger.debug("could not release leases %s: %s", lease_ids, error)
+        """Release these leases at once; one that cannot be expires on its own."""
+        for lease_id in lease_ids:
+            try:
+                async with self._calls, get_client() as client:
+                    await client.release_concurrency_slots_with_lease(lease_id)
+            except Exception as error:
+                _logger.debug("could not release lease %s: %s", lease_id, error)
 
     def _release_later(self, lease_ids: list[UUID], *, after: float) -> None:
         """Release these leases ``after`` seconds from now (one timer for all)."""
@@ -260,7 +252,12 @@ class PrefectRequestBudget:
 
         async def release() -> None:
             await asyncio.sleep(after)
-            await self._release_now(lease_ids)
+            for lease_id in lease_ids:
+                try:
+                    async with self._calls, get_client() as client:
+                        await client.release_concurrency_slots_with_lease(lease_id)
+                except Exception as error:  # the lease then expires on its own
+                    _logger.debug("could not release lease %s: %s", lease_id, error)
 
         task = asyncio.create_task(
             release(), name=f"release-{lease_ids[0]}", context=_own_client_context()

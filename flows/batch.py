@@ -48,7 +48,7 @@ from flows.pipeline import (
 )
 from flows.video import RESULTS
 from nanophoto.contract import TOPIC_MAX_CHARS
-from nanophoto.errors import NanoPhotoError, SubmitOutcomeUnknownError
+from nanophoto.errors import GenerationFailedError, NanoPhotoError, SubmitOutcomeUnknownError
 from nanophoto.models import (
     PromptOptions,
     PromptRequest,
@@ -200,6 +200,13 @@ class CreditBudget:
     def settle(self, reserved: int, spent: int) -> None:
         """Give back what an item reserved but did not spend (refunds, refusals)."""
         self.committed += spent - reserved
+
+
+def _spent(charged: int, reserved: int, paid_by_own_attempt: bool, refunded: bool) -> int:
+    """What an item took from the batch's budget: what this run was charged for it. A
+    video this very run paid for before it crashed and was retried costs at least what
+    it reserved, unless its generation failed since: NanoPhoto refunded it."""
+    return max(charged, reserved) if paid_by_own_attempt and not refunded else charged
 
 
 def _batch_run_name() -> str:
@@ -528,9 +535,12 @@ async def _spread_over_parts(
                 done = outcomes[share.indices[position]]
                 if done.error_code == "BATCH_PART_FAILED":  # its spend is unknown: kept
                     continue
-                spent = done.credits_used + done.credits_at_risk
-                if share.own_run and paid_before[position]:  # this run's own earlier attempt
-                    spent = max(spent, reserved[position])
+                spent = _spent(
+                    done.credits_used + done.credits_at_risk,
+                    reserved[position],
+                    share.own_run and paid_before[position],
+                    refunded=done.error_code == GenerationFailedError.code,
+                )
                 credits.settle(reserved[position], spent)
             sent = [p for p in kept_out if credits.reserve(items[p].price)]
             kept_out = [p for p in kept_out if p not in sent]
@@ -728,9 +738,8 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
     reserved = item.price if context.own_run or not paid else 0
     credits = context.credits
 
-    def spent(spend: Spend) -> int:
-        charged = spend.credits + spend.at_risk
-        return max(charged, reserved) if context.own_run and paid else charged
+    def spent(spend: Spend, refunded: bool = False) -> int:
+        return _spent(spend.credits + spend.at_risk, reserved, context.own_run and paid, refunded)
 
     if reserved and not credits.reserve(reserved):
         logger.warning(
@@ -763,7 +772,7 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
             job, key, how, spend=spend, resubmit_unknown_up_to=context.resubmit_unknown_up_to
         )
     except Exception as error:
-        credits.settle(reserved, spent(spend))
+        credits.settle(reserved, spent(spend, refunded=isinstance(error, GenerationFailedError)))
         if spend.task_id is not None:
             planner.finish(spend.task_id)
         code = error.code if isinstance(error, NanoPhotoError) else type(error).__name__

@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from flows.batch import BatchItem, batch_of_videos
+from flows.batch import (
+    BatchItem,
+    CreditBudget,
+    ItemOutcome,
+    ItemsShare,
+    LegacyKeys,
+    _make_items,
+    batch_of_videos,
+)
 from flows.pipeline import Spend, SubmittedVideo, Watching, finish_and_record, make_video_once
 from flows.submissions import submissions
 from flows.video import prompt_to_video
@@ -190,6 +198,50 @@ async def test_a_retried_run_counts_what_its_crashed_attempt_paid_another_run_do
     other = await _once_in_a_flow_run(request, key, how)
     assert (other.video_credits, other.earlier) == (0, True)  # another run's video
     assert api.snapshot()["submits"] == 1
+
+
+async def test_a_retried_batch_run_gets_back_the_refund_of_a_video_its_crashed_attempt_paid(
+    api: Simulator, tmp_path: Path
+) -> None:
+    """A batch run retried after a crash counts what its first attempt paid as its own
+    spend; a video whose generation fails after the retry was refunded, and its credits
+    let an item kept out of the budget in (a lost host's batch met it in the topology)."""
+    api.queue_fault("generate", "generation_failed")
+    items = [BatchItem(prompt=f"refund {n}: a kite over dunes") for n in range(2)]
+    outcomes = await _crashed_after_its_first_submit_then_retried(
+        items, [fresh("refund"), fresh("refund")], str(tmp_path)
+    )
+    assert [(o.status, o.error_code) for o in outcomes] == [
+        ("failed", "GENERATION_FAILED"),
+        ("delivered", None),  # the budget holds one video: the refunded one's
+    ]
+    assert api.snapshot()["submits"] == 2
+
+
+class _Crashed(Exception):
+    """Stands for the process dying right after a submit."""
+
+
+@flow
+async def _crashed_after_its_first_submit_then_retried(
+    items: list[BatchItem], keys: list[str], output_dir: str
+) -> list[ItemOutcome]:
+    def crash(task_id: str) -> None:
+        raise _Crashed(task_id)
+
+    how = Watching(FAST.on_clock(NanoPhotoSettings().time_scale), output_dir, artifacts=False)
+    with pytest.raises(_Crashed):  # the first attempt: submitted, then lost
+        await make_video_once(items[0].job(), keys[0], how, on_submitted=crash)
+    share = ItemsShare(  # own_run: the records are this very flow run's, as after a retry
+        indices=[0, 1],
+        keys=keys,
+        schedule=FAST,
+        output_dir=output_dir,
+        max_in_flight=1,
+        own_run=True,
+    )
+    outcomes, _ = await _make_items(items, share, CreditBudget(items[0].price), LegacyKeys("", 0))
+    return outcomes
 
 
 @flow

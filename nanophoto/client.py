@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
-from contextlib import aclosing, contextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -203,25 +203,26 @@ class NanoPhotoClient:
         attempt; ``generate_prompt`` retries the whole stream. It takes one
         slot of the request budget.
         """
-        if self.limiter is not None:
-            await self.limiter.acquire(Priority.PROMPT)
-        with _mapped_transport_errors():
-            async with self._http.stream("POST", PROMPT_PATH, json=request.to_wire()) as response:
-                if response.status_code != 200 or "json" in response.headers.get(
-                    "content-type", ""
-                ):
-                    # An error, or a 200 carrying an error document instead of a stream.
-                    body = await response.aread()
-                    raise error_from_response(
-                        response.status_code if response.status_code != 200 else 500,
-                        body,
-                        response.headers,
-                    )
-                # httpx's incremental decoder keeps a character that is split
-                # across chunks whole.
-                async for text in response.aiter_text():
-                    if text:
-                        yield text
+        async with self._slot(Priority.PROMPT):
+            with _mapped_transport_errors():
+                async with self._http.stream(
+                    "POST", PROMPT_PATH, json=request.to_wire()
+                ) as response:
+                    if response.status_code != 200 or "json" in response.headers.get(
+                        "content-type", ""
+                    ):
+                        # An error, or a 200 carrying an error document instead of a stream.
+                        body = await response.aread()
+                        raise error_from_response(
+                            response.status_code if response.status_code != 200 else 500,
+                            body,
+                            response.headers,
+                        )
+                    # httpx's incremental decoder keeps a character that is split
+                    # across chunks whole.
+                    async for text in response.aiter_text():
+                        if text:
+                            yield text
 
     async def generate_prompt(
         self,
@@ -442,6 +443,13 @@ class NanoPhotoClient:
             response = await self._http.post(path, json=body)
         return answer_document(response.status_code, response.content, response.headers)
 
+    def _slot(self, priority: Priority | None) -> AbstractAsyncContextManager[None]:
+        """A slot of the key's request budget, held while the request is under way (none
+        for a call that makes no API request)."""
+        if priority is None or self.limiter is None:
+            return nullcontext()
+        return self.limiter.slot(priority)
+
     async def _call(
         self,
         name: str,
@@ -461,16 +469,15 @@ class NanoPhotoClient:
         limit = self.settings.call_timeout if attempt_timeout == "default" else attempt_timeout
         retry = 0
         while True:
-            if priority is not None and self.limiter is not None:
-                await self.limiter.acquire(priority)
-            if before_attempt is not None:
-                await before_attempt()
             try:
-                try:
-                    async with asyncio.timeout(limit):
-                        return await attempt()
-                except TimeoutError:
-                    raise RequestTimeoutError(f"{name} took longer than {limit:g} s") from None
+                async with self._slot(priority):
+                    if before_attempt is not None:
+                        await before_attempt()
+                    try:
+                        async with asyncio.timeout(limit):
+                            return await attempt()
+                    except TimeoutError:
+                        raise RequestTimeoutError(f"{name} took longer than {limit:g} s") from None
             except NanoPhotoError as error:
                 if isinstance(error, RateLimitError) and error.retry_after is not None:
                     # Retry-After counts NanoPhoto's seconds; a compressed simulator's are short.

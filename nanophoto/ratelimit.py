@@ -6,6 +6,11 @@ never causes a 429. Requests are granted in priority order (``PROMPT`` and
 ``SUBMIT`` before ``CHECK``): a submit starts a generation that runs while we
 wait, a status check only learns sooner what is already under way.
 
+A request holds its slot from its grant until it is done, and one window
+after that: NanoPhoto counts it when it arrives, which may be well after the
+grant (a submission record written first, a connection made on a loaded
+machine), and never after its answer.
+
 Several processes share one key through an ``Upstream``: the Prefect flows
 plug in a Prefect global concurrency limit (``tasks/ratelimit.py``), and the
 command line, which has no Prefect server, uses the limiter alone.
@@ -18,7 +23,8 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from enum import IntEnum
 from typing import Protocol
 
@@ -37,11 +43,21 @@ class Priority(IntEnum):
     CHECK = 2
 
 
+Done = Callable[[], None]  # a request is done: its slot's window starts now
+
+
 class Upstream(Protocol):
     """A budget shared with other processes: grants ``count`` requests at once."""
 
-    async def acquire(self, count: int) -> None:
-        """Wait until ``count`` more requests fit in the shared budget, and take them."""
+    async def acquire(self, count: int) -> Done:
+        """Wait until ``count`` more requests fit in the shared budget, and take them.
+
+        The answer is called once per request, when it is done.
+        """
+
+
+def _nothing() -> None:
+    """No upstream: nothing to tell."""
 
 
 class RequestLimiter:
@@ -49,12 +65,14 @@ class RequestLimiter:
 
     One dispatcher grants waiting requests: as many as the window has room
     for, in one go from ``upstream`` when there is one. A waiter that is
-    cancelled before its grant takes nothing.
+    cancelled before its grant takes nothing. A slot is in use from its grant
+    until its request is done, then for one window.
 
     Example:
         ```python
         limiter = RequestLimiter(RATE_LIMIT_PER_HOUR, RATE_WINDOW_S)
-        await limiter.acquire(Priority.SUBMIT)
+        async with limiter.slot(Priority.SUBMIT):
+            await send_the_request()
         ```
     """
 
@@ -77,8 +95,10 @@ class RequestLimiter:
         self.upstream = upstream
         self._clock = clock
         self._sleep = sleep
-        self._granted: deque[float] = deque()
-        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._granted: deque[float] = deque()  # when each request of the window was done
+        self._under_way = 0  # granted, not done yet
+        self._done = asyncio.Event()  # a request under way was done
+        self._waiting: list[tuple[int, int, asyncio.Future[Done]]] = []
         self._order = itertools.count()
         self._dispatcher: asyncio.Task[None] | None = None
         self.granted_total = 0
@@ -93,21 +113,55 @@ class RequestLimiter:
         return self.requests / self.window
 
     def in_window(self) -> int:
-        """Requests granted within the last window."""
+        """Requests under way, and those done within the last window."""
         self._expire(self._clock())
-        return len(self._granted)
+        return len(self._granted) + self._under_way
+
+    @asynccontextmanager
+    async def slot(self, priority: Priority = Priority.CHECK) -> AsyncIterator[None]:
+        """Wait for a request slot, and hold it while the request is under way: its
+        window starts when the block ends."""
+        done = await self._wait(priority)
+        try:
+            yield
+        finally:
+            done()
 
     async def acquire(self, priority: Priority = Priority.CHECK) -> None:
-        """Wait for a request slot; returns when this request may be sent."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Wait for a request slot, for a request sent at once: its window starts now."""
+        (await self._wait(priority))()
+
+    async def _wait(self, priority: Priority) -> Done:
+        """Wait for a grant; the answer says when its request is done."""
+        future: asyncio.Future[Done] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (int(priority), next(self._order), future))
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="nanophoto-limiter")
         started = self._clock()
         try:
-            await future
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result()()  # granted as it was cancelled: spent, from now
+            raise
         finally:
             self.waited_seconds += self._clock() - started
+
+    def _finisher(self, upstream_done: Done) -> Done:
+        """What a granted request calls (once) when it is done."""
+        finished = False
+
+        def done() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            self._under_way -= 1
+            self._granted.append(self._clock())
+            upstream_done()
+            self._done.set()
+
+        return done
 
     def _expire(self, now: float) -> None:
         while self._granted and self._granted[0] <= now - self.window:
@@ -124,24 +178,30 @@ class RequestLimiter:
             while waiting := self._live_waiters():
                 now = self._clock()
                 self._expire(now)
-                free = self.requests - len(self._granted)
+                free = self.requests - len(self._granted) - self._under_way
                 if free <= 0:
-                    await self._sleep(self._granted[0] + self.window - now)
+                    if self._granted:
+                        await self._sleep(self._granted[0] + self.window - now)
+                    else:  # every slot is under way: the first one done starts its window
+                        self._done.clear()
+                        await self._done.wait()
                     continue
                 count = min(free, waiting)
+                upstream_done = _nothing
                 if self.upstream is not None:
-                    await self.upstream.acquire(count)
-                granted_at = self._clock()
+                    upstream_done = await self.upstream.acquire(count)
                 while count and self._waiting:
                     _, _, future = heapq.heappop(self._waiting)
                     if future.done():
                         continue  # cancelled meanwhile: its slot goes to the next waiter
-                    future.set_result(None)
-                    self._granted.append(granted_at)
+                    self._under_way += 1
+                    future.set_result(self._finisher(upstream_done))
                     self.granted_total += 1
                     count -= 1
                 # Slots taken upstream for waiters that left are spent: count them.
-                self._granted.extend([granted_at] * count)
+                for _ in range(count):
+                    self._granted.append(self._clock())
+                    upstream_done()
         except asyncio.CancelledError:
             self._fail_waiters(None)
             raise

@@ -2,10 +2,12 @@
 
 NanoPhoto counts a key's requests over a sliding hour. The limit
 ``nanophoto-api`` reproduces that window exactly: each request holds one slot
-for one window (a lease that we release when the window has passed, and that
-the Prefect server revokes itself if our process died first). So the slots
-in use are the requests made in the last hour, by every process that shares
-the key, and a request only goes out when one is free.
+from its grant until it is done, then for one window (a lease that we renew
+while the request is under way, release when the window has passed, and
+that the Prefect server revokes itself if our process died first, never
+sooner than a window after the process's last request). So the slots in use
+are the requests under way or made in the last hour, by every process that
+shares the key, and a request only goes out when one is free.
 
 Why not ``rate_limit()``'s slot decay: a decaying bucket that allows bursts
 admits up to ``limit + rate * hour`` requests in an hour, twice NanoPhoto's
@@ -23,7 +25,8 @@ import asyncio
 import contextvars
 import logging
 import time
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 from uuid import UUID
 
 import httpx
@@ -36,11 +39,12 @@ from prefect.context import AsyncClientContext
 from prefect.exceptions import ObjectNotFound
 
 from nanophoto.errors import ConfigurationError, NanoPhotoError
-from nanophoto.ratelimit import WINDOW_MARGIN, RequestLimiter
+from nanophoto.ratelimit import WINDOW_MARGIN, Done, RequestLimiter
 from nanophoto.settings import NanoPhotoSettings, current_settings
 
 RATE_LIMIT_NAME: Final = "nanophoto-api"
 _MIN_LEASE_S: Final = 60.0  # the Prefect server refuses shorter leases
+RENEW_EVERY_S: Final = 30.0  # a lease whose requests are under way is renewed this often
 _API_RETRIES: Final = 6
 _logger = logging.getLogger("sora2.ratelimit")
 
@@ -73,8 +77,8 @@ class PrefectRequestBudget:
     ) -> None:
         self.name = name
         self.window = window * (1 + WINDOW_MARGIN)
-        # Full for longer than a window and the shortest lease: its slots are orphaned.
-        self.stuck_after = stuck_after or self.window * 1.1 + _MIN_LEASE_S
+        # Full for longer than a lease lives and a little: its slots are orphaned.
+        self.stuck_after = stuck_after or self._lease_duration + self.window * 0.1
         self.api_retries = api_retries
         self.api_retry_delay = api_retry_delay
         self._limit: int | None = None
@@ -86,11 +90,40 @@ class PrefectRequestBudget:
     def __repr__(self) -> str:
         return f"PrefectRequestBudget(name={self.name!r}, window={self.window:g})"
 
-    async def acquire(self, count: int) -> None:
-        """Take ``count`` slots (see ``_acquire``), with a Prefect client of our own."""
-        await asyncio.create_task(self._acquire(count), context=_own_client_context())
+    async def acquire(self, count: int) -> Done:
+        """Take ``count`` slots (see ``_acquire``), with a Prefect client of our own; the
+        answer is called once per request when it is done."""
+        leases = await asyncio.create_task(self._acquire(count), context=_own_client_context())
+        return self._held(leases, count)
 
-    async def _acquire(self, count: int) -> None:
+    def _held(self, leases: list[UUID], count: int) -> Done:
+        """Renew ``leases`` while any of their ``count`` requests is under way; release
+        them a window after the last one is done."""
+        keeper = self._spawn(self._keep_alive(leases), f"renew-{leases[0]}")
+        left = count
+
+        def done() -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                keeper.cancel()
+                self._release_later(leases, after=self.window)
+
+        return done
+
+    async def _keep_alive(self, leases: list[UUID]) -> None:
+        """Every RENEW_EVERY_S, each lease lives a full ``_lease_duration`` again: a process
+        that dies with a request under way leaves its slot held a window past that."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            for lease_id in leases:
+                try:
+                    async with self._calls, get_client() as client:
+                        await client.renew_concurrency_lease(lease_id, self._lease_duration)
+                except Exception as error:  # the next renewal tries again
+                    _logger.warning("could not renew lease %s: %s", lease_id, error)
+
+    async def _acquire(self, count: int) -> list[UUID]:
         """Take ``count`` slots, waiting while the last window's requests fill the limit.
 
         A Prefect API that fails for a moment is retried; one that stays down,
@@ -112,10 +145,9 @@ class PrefectRequestBudget:
                     failures = await self._pause_after_failure(failures, error)
             poll = min(max(self.window / limit / 4, 0.02), 5.0)
             take = min(count, limit)
-            # Each slot's window starts when its request goes out: once every slot of
-            # this batch is in, not when the first was granted (a batch taken one slot
-            # at a time from a full limit may take a while, and its first slot's window
-            # would end before its request's does on NanoPhoto's side).
+            # The requests go out once every slot of this batch is in, not when the
+            # first was granted (a batch taken one slot at a time from a full limit may
+            # take a while): the early leases live a full lease from now.
             taken: list[tuple[UUID, float]] = []  # each lease, and when it was granted
             try:
                 await self._take(client, count, take, poll, taken)
@@ -124,7 +156,7 @@ class PrefectRequestBudget:
                 # Never used: free them now, before a cancelled process goes away.
                 await asyncio.shield(self._release_now([lease for lease, _ in taken]))
                 raise
-            self._release_later([lease for lease, _ in taken], after=self.window)
+            return [lease for lease, _ in taken]
 
     async def _take(
         self,
@@ -175,9 +207,10 @@ class PrefectRequestBudget:
 
     @property
     def _lease_duration(self) -> float:
-        """A lease outlives our release of it by a little; the server revokes it itself
-        that long after its process died."""
-        return max(self.window, _MIN_LEASE_S) + 5.0
+        """Renewed every RENEW_EVERY_S while its requests are under way, a lease always
+        outlives the window of a request sent now; the server revokes it itself that
+        long after its process died."""
+        return max(self.window + 2 * RENEW_EVERY_S, _MIN_LEASE_S) + 5.0
 
     async def _renew_early_ones(
         self, client: PrefectClient, taken: list[tuple[UUID, float]]
@@ -259,11 +292,14 @@ class PrefectRequestBudget:
                 except Exception as error:  # the lease then expires on its own
                     _logger.debug("could not release lease %s: %s", lease_id, error)
 
-        task = asyncio.create_task(
-            release(), name=f"release-{lease_ids[0]}", context=_own_client_context()
-        )
+        self._spawn(release(), f"release-{lease_ids[0]}")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A background task of the budget, with its own Prefect client, kept referenced."""
+        task = asyncio.create_task(work, name=name, context=_own_client_context())
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+        return task
 
 
 def _own_client_context() -> contextvars.Context:

@@ -36,14 +36,21 @@ async def small_limit() -> AsyncIterator[str]:
         await client.delete_global_concurrency_limit_by_name(name)
 
 
+async def sent_at_once(budget: PrefectRequestBudget, count: int) -> None:
+    """Take ``count`` slots for requests that are done as soon as they are granted."""
+    done = await budget.acquire(count)
+    for _ in range(count):
+        done()
+
+
 async def test_a_full_limit_waits_for_a_slot_instead_of_failing(small_limit: str) -> None:
     """HTTP 423 (every slot held by the last window's requests): wait, then go."""
     window = 3.0
     first = PrefectRequestBudget(small_limit, window=window)
     second = PrefectRequestBudget(small_limit, window=window)
-    await first.acquire(2)
+    await sent_at_once(first, 2)
     filled_at = time.monotonic()
-    waiting = asyncio.create_task(second.acquire(1))
+    waiting = asyncio.create_task(sent_at_once(second, 1))
     await asyncio.wait_for(waiting, timeout=60)
     # The slot came free only when the first budget released one, a window later.
     assert time.monotonic() - filled_at >= window
@@ -62,13 +69,31 @@ async def test_a_batch_of_slots_taken_one_at_a_time_starts_its_window_when_it_is
     """
     window = 3.0
     other, batch, third = (PrefectRequestBudget(small_limit, window=window) for _ in "abc")
-    await other.acquire(1)
+    await sent_at_once(other, 1)
     await asyncio.sleep(window / 2)
-    await other.acquire(1)  # the limit is full; its slots come free half a window apart
-    await asyncio.wait_for(batch.acquire(2), timeout=60)
+    await sent_at_once(other, 1)  # the limit is full; its slots come free half a window apart
+    await asyncio.wait_for(sent_at_once(batch, 2), timeout=60)
     whole_at = time.monotonic()  # the batch's two requests go out now
-    await asyncio.wait_for(third.acquire(1), timeout=60)
+    await asyncio.wait_for(sent_at_once(third, 1), timeout=60)
     assert time.monotonic() - whole_at >= window
+
+
+async def test_a_slot_is_held_while_its_request_is_under_way_then_for_a_window(
+    small_limit: str,
+) -> None:
+    """Requests granted, then sent late (a submission record written first on a loaded
+    host): another host waits until a window after they are done, as NanoPhoto counts."""
+    window = 3.0
+    busy, other = (PrefectRequestBudget(small_limit, window=window) for _ in "ab")
+    done = await busy.acquire(2)
+    waiting = asyncio.create_task(sent_at_once(other, 1))
+    await asyncio.sleep(window * 1.5)  # the two requests are still under way
+    assert not waiting.done()
+    done()
+    done()
+    done_at = time.monotonic()
+    await asyncio.wait_for(waiting, timeout=60)
+    assert time.monotonic() - done_at >= window
 
 
 async def test_a_limit_stuck_full_stops_the_request_with_what_to_do(small_limit: str) -> None:
@@ -79,7 +104,7 @@ async def test_a_limit_stuck_full_stops_the_request_with_what_to_do(small_limit:
         )
     budget = PrefectRequestBudget(small_limit, window=0.5, stuck_after=2.0)
     with pytest.raises(RateBudgetMissingError, match="full for longer than one rate window"):
-        await asyncio.wait_for(budget.acquire(1), timeout=60)
+        await asyncio.wait_for(sent_at_once(budget, 1), timeout=60)
 
 
 async def test_an_unreachable_prefect_api_stops_the_request_before_it_is_sent(

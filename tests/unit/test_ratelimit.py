@@ -8,7 +8,7 @@ import pytest
 
 from nanophoto.client import NanoPhotoClient
 from nanophoto.models import VideoRequest
-from nanophoto.ratelimit import Priority, RequestLimiter
+from nanophoto.ratelimit import Done, Priority, RequestLimiter
 from tests.helpers import MakeSimulator, settings_for
 
 
@@ -80,7 +80,7 @@ async def test_a_cancelled_waiter_takes_no_slot() -> None:
 
 async def test_an_upstream_failure_reaches_every_waiter() -> None:
     class Missing:
-        async def acquire(self, count: int) -> None:
+        async def acquire(self, count: int) -> Done:
             raise RuntimeError("no such limit")
 
     limiter = RequestLimiter(10, 10.0, upstream=Missing())
@@ -93,15 +93,51 @@ async def test_an_upstream_failure_reaches_every_waiter() -> None:
 
 async def test_upstream_is_asked_for_waiting_requests_in_one_go() -> None:
     asked: list[int] = []
+    told: list[str] = []
 
     class Counting:
-        async def acquire(self, count: int) -> None:
+        async def acquire(self, count: int) -> Done:
             asked.append(count)
+            return lambda: told.append("done")
 
     limiter = RequestLimiter(50, 10.0, upstream=Counting())
     await asyncio.wait_for(asyncio.gather(*(limiter.acquire() for _ in range(30))), timeout=5)
     assert sum(asked) == 30
     assert len(asked) < 30
+    assert len(told) == 30  # each request told upstream when it was done
+
+
+async def test_a_slots_window_starts_when_its_request_is_done() -> None:
+    """A request granted at once but sent late (a record written first, a slow connect):
+    NanoPhoto counts it when it arrives, so its window starts when it is done."""
+    time = FakeTime()
+    limiter = RequestLimiter(1, 10.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    granted: list[float] = []
+
+    async def late_request() -> None:
+        async with limiter.slot(Priority.SUBMIT):
+            await time.sleep(4.0)  # granted at 0, done at 4
+
+    async def next_request() -> None:
+        await asyncio.sleep(0)  # asks while the first is under way
+        await limiter.acquire()
+        granted.append(time.now)
+
+    await asyncio.wait_for(asyncio.gather(late_request(), next_request()), timeout=5)
+    assert granted == [pytest.approx(14.0)]  # not 10: the first one's window ran 4 to 14
+
+
+async def test_a_slot_granted_as_its_waiter_is_cancelled_is_spent() -> None:
+    time = FakeTime()
+    limiter = RequestLimiter(1, 10.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    waiter = asyncio.create_task(limiter.acquire())
+    for _ in range(3):  # the dispatcher grants it...
+        await asyncio.sleep(0)
+    waiter.cancel()  # ...and it is cancelled before it runs again
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert limiter.in_window() == 1  # counted, and not held for ever
+    await asyncio.wait_for(limiter.acquire(), timeout=5)
+    assert time.now == pytest.approx(10.0)
 
 
 def test_bad_budgets_are_refused_naming_the_field() -> None:
@@ -114,8 +150,7 @@ def test_bad_budgets_are_refused_naming_the_field() -> None:
 async def test_every_attempt_takes_a_slot_so_the_key_never_sees_a_429(
     make_simulator: MakeSimulator,
 ) -> None:
-    # 4 requests per 2 s: our limiter waits instead of the server refusing. (The window's
-    # 1 % margin must cover how late a request reaches the server: 20 ms here.)
+    # 4 requests per 2 s: our limiter waits instead of the server refusing.
     simulator = make_simulator(rate_limit=4, rate_window_seconds=200.0)
     settings = settings_for(simulator)
     window = simulator.config.real(simulator.config.rate_window_seconds)
@@ -128,3 +163,26 @@ async def test_every_attempt_takes_a_slot_so_the_key_never_sees_a_429(
     ledger = simulator.snapshot()
     assert ledger["rate_limited"] == {}
     assert ledger["total_requests"] == limiter.granted_total == 1 + 6 + 1
+
+
+async def test_a_submit_sent_late_after_its_grant_still_never_sees_a_429(
+    make_simulator: MakeSimulator,
+) -> None:
+    """The submit's record write takes half a window between the grant and the send (a
+    loaded machine, a remote store): the checks after it still fit NanoPhoto's window."""
+    simulator = make_simulator(rate_limit=2, rate_window_seconds=200.0)
+    window = simulator.config.real(simulator.config.rate_window_seconds)
+    limiter = RequestLimiter(2, window)
+
+    async def slow_record_write() -> None:
+        await asyncio.sleep(window / 2)
+
+    async with NanoPhotoClient(settings=settings_for(simulator), limiter=limiter) as client:
+        submitted = await client.submit(
+            VideoRequest(prompt="A fox at dawn"), before_send=slow_record_write
+        )
+        for _ in range(3):
+            await asyncio.wait_for(client.check_status(submitted.task_id), timeout=20)
+    ledger = simulator.snapshot()
+    assert ledger["rate_limited"] == {}
+    assert ledger["total_requests"] == 4

@@ -182,7 +182,9 @@ async def make_video_once(
 
     An earlier submit whose outcome is unknown is never sent again, unless its
     price is at most ``resubmit_unknown_up_to`` credits: then it is, and the
-    video is reported as possibly charged twice.
+    video is reported as possibly charged twice. A video this very flow run saw
+    fail stays failed when the run is retried after a crash (as it would have
+    ended without one); a new run with the key submits it again.
     """
     refuse_crash_loop()
     spend = spend if spend is not None else Spend()
@@ -213,6 +215,13 @@ async def make_video_once(
             break
         if step == "unknown" and record is not None:
             raise _unknown_outcome(record)
+        if step == "failed" and record is not None:
+            _count_earlier_attempt(spend, record)
+            spend.video_credits, spend.task_id = 0, record.task_id  # refunded by NanoPhoto
+            raise GenerationFailedError(
+                f"video {record.task_id} failed in this run before it was retried (NanoPhoto "
+                "refunded it); a new run with the same key submits it again, a new paid attempt"
+            )
         if step == "claim":
             spend.possibly_charged_twice = claimed.possibly_charged_twice
             async with _kept_alive(store, key, token):
@@ -242,7 +251,8 @@ async def make_video_once(
 
 
 async def _next_step(record: SubmissionRecord | None, how: Watching, token: str) -> str:
-    """What this run does with the key now: delivered, resume, wait, unknown or claim."""
+    """What this run does with the key now: delivered, resume, failed, wait, unknown or
+    claim."""
     if record is None:
         return "claim"
     delivered = record.result if record.state == "completed" else None
@@ -252,6 +262,8 @@ async def _next_step(record: SubmissionRecord | None, how: Watching, token: str)
         return "delivered"
     if record.task_id and record.state in ("submitted", "completed"):
         return "resume"
+    if record.state == "failed" and _this_run_s(record):
+        return "failed"  # seen failing by this very run before it crashed and was retried
     if record.claimed_by_another(token):
         return "wait"
     if record.state == "sending":
@@ -346,11 +358,16 @@ def _count_earlier_attempt(spend: Spend, record: SubmissionRecord) -> None:
     """A video found already paid for: by another run (it costs this one nothing), or by
     this very flow run before it crashed and was retried, whose spend is still its own
     (a batch's summary and budget count it once, where it was paid)."""
-    if record.flow_run_id is not None and record.flow_run_id == current_flow_run():
+    if _this_run_s(record):
         spend.video_credits = record.cost
         spend.prompt_credits = record.prompt_credits
     else:
         spend.earlier = True
+
+
+def _this_run_s(record: SubmissionRecord) -> bool:
+    """Whether the record's attempt is this very flow run's (before a crash and a retry)."""
+    return record.flow_run_id is not None and record.flow_run_id == current_flow_run()
 
 
 def _resumed(record: SubmissionRecord) -> SubmittedVideo:

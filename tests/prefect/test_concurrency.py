@@ -200,6 +200,36 @@ async def test_a_retried_run_counts_what_its_crashed_attempt_paid_another_run_do
     assert api.snapshot()["submits"] == 1
 
 
+async def test_a_video_that_failed_stays_failed_on_the_runs_retry_and_a_new_run_makes_it(
+    api: Simulator, tmp_path: Path
+) -> None:
+    """A run that saw its video fail, then crashed and was retried, ends as it would have
+    without the crash: failed, nothing paid again. A new run with the key submits anew."""
+    api.queue_fault("generate", "generation_failed")
+    key = fresh("failed")
+    request = VideoRequest(prompt="failed: a kite over dunes")
+    schedule = FAST.on_clock(NanoPhotoSettings().time_scale)
+    how = Watching(schedule, output_dir=str(tmp_path), artifacts=False)
+    first, retried = await _fails_twice_in_one_flow_run(request, key, how)
+    assert (first.task_id, first.video_credits) == (retried.task_id, 0)
+    assert api.snapshot()["submits"] == 1  # the retry paid nothing
+    again = await _once_in_a_flow_run(request, key, how)
+    assert again.task_id != first.task_id
+    assert api.snapshot()["submits"] == 2
+
+
+@flow
+async def _fails_twice_in_one_flow_run(
+    request: VideoRequest, key: str, how: Watching
+) -> tuple[Spend, Spend]:
+    first, again = Spend(), Spend()
+    with pytest.raises(GenerationFailedError):
+        await make_video_once(request, key, how, spend=first)
+    with pytest.raises(GenerationFailedError, match="failed in this run before it was retried"):
+        await make_video_once(request, key, how, spend=again)  # as the same run, retried
+    return first, again
+
+
 async def test_a_retried_batch_run_gets_back_the_refund_of_a_video_its_crashed_attempt_paid(
     api: Simulator, tmp_path: Path
 ) -> None:

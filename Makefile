@@ -20,8 +20,15 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed ## The main job: topic to MP4 on the simulator and Prefect's embedded server.
 	$(PY) -m sora2.demo
 
+# The end-to-end tests (tests/e2e) mostly wait on servers, workers and crash detection:
+# they run beside the rest, in their own pytest, and their report follows the rest's.
 test: lint $(VENV)/.installed ## Lint, type-check, then the whole test suite.
-	$(PY) -m pytest
+	@e2e_log=$$(mktemp); e2e_tmp=$$(mktemp -d); \
+	$(PY) -m pytest tests/e2e -p no:cacheprovider --basetemp="$$e2e_tmp/t" >"$$e2e_log" 2>&1 & e2e=$$!; \
+	$(PY) -m pytest --ignore=tests/e2e; rest=$$?; \
+	wait $$e2e; e2e_rc=$$?; \
+	echo "=== tests/e2e (run beside the rest) ==="; cat "$$e2e_log"; rm -rf "$$e2e_log" "$$e2e_tmp"; \
+	test $$rest -eq 0 && test $$e2e_rc -eq 0
 
 unit: $(VENV)/.installed ## The tests that need no Prefect server (seconds).
 	$(PY) -m pytest tests/unit

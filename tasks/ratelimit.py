@@ -44,7 +44,7 @@ from nanophoto.settings import NanoPhotoSettings, current_settings
 
 RATE_LIMIT_NAME: Final = "nanophoto-api"
 _MIN_LEASE_S: Final = 60.0  # the Prefect server refuses shorter leases
-RENEW_EVERY_S: Final = 30.0  # a lease whose requests are under way is renewed this often
+RENEW_EVERY_S: Final = 10.0  # a lease whose requests are under way is renewed this often
 _API_RETRIES: Final = 6
 _logger = logging.getLogger("sora2.ratelimit")
 

@@ -54,12 +54,13 @@ def base_env(home: Path, api_url: str) -> dict[str, str]:
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to its whole group, then SIGKILL after 15 s: never leave one behind."""
+    """SIGTERM to its whole group, then SIGKILL after 5 s: never leave one behind (a test
+    server's graceful shutdown buys nothing, and often takes longer than that)."""
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=15)
+            process.wait(timeout=5)
     # The group may hold children (flow-run processes) even after the leader exits.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)

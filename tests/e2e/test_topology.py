@@ -59,6 +59,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.cluster import postgres_bin
+from flows.pipeline import MAX_RUN_COUNT
 from nanophoto_simulator import Simulator, SimulatorConfig, SimulatorThread
 from tests.e2e.conftest import BIN, PROJECT_DIR, PrefectServer, base_env, stop
 from tests.helpers import free_port
@@ -668,14 +669,28 @@ async def create_runs(first: str, second: str, videos: Path) -> list[FlowRun]:
     return list(await asyncio.gather(*(create((first, second)[i % 2], i) for i in range(RUNS))))
 
 
+# deployments/automations.yaml: a run crashed with this message is scheduled again.
+RETRIED_CRASH = "Flow run marked as crashed due to missing heartbeats."
+
+
+def settled(run: FlowRun) -> bool:
+    """Final, and not a crash the retry automation is about to schedule again."""
+    state = run.state
+    if state is None or not state.is_final():
+        return False
+    return not (
+        state.is_crashed() and state.message == RETRIED_CRASH and run.run_count <= MAX_RUN_COUNT
+    )
+
+
 async def wait_for_all(api: str, runs: list[FlowRun], within: float) -> list[FlowRun]:
-    """Each run once it is final (or as it is when the time is up)."""
+    """Each run once it is settled (or as it is when the time is up)."""
     deadline = time.monotonic() + within
     with temporary_settings(updates={PREFECT_API_URL: api}):
         async with get_client() as client:
             while True:
                 current = [await client.read_flow_run(run.id) for run in runs]
-                if all(run.state and run.state.is_final() for run in current):
+                if all(settled(run) for run in current):
                     return current
                 if time.monotonic() > deadline:
                     return current

@@ -5,10 +5,13 @@ stuck, or the Prefect API that shares it is gone."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
+import httpx
 import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -121,3 +124,39 @@ async def test_an_unreachable_prefect_api_stops_the_request_before_it_is_sent(
     assert error.code == "RATE_LIMIT_UNAVAILABLE"
     assert not error.may_have_started  # a refusal, not an unknown outcome: nothing was sent
     assert simulator.snapshot()["total_requests"] == 0
+
+
+async def test_a_locked_database_costs_the_budget_no_client_back_off(
+    small_limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQLite server answers 503 to a write it could not lock: the lease call goes
+    again at once, not after the Prefect client's 2-s back-off that every request of
+    the process would wait behind (200 simulated s at a time scale of 1/100)."""
+    locked = {"left": 3}
+    real_send = httpx.AsyncHTTPTransport.handle_async_request
+
+    async def sometimes_locked(
+        transport: httpx.AsyncHTTPTransport, request: httpx.Request
+    ) -> httpx.Response:
+        if request.url.path.endswith("/increment-with-lease") and locked["left"] > 0:
+            locked["left"] -= 1
+            return httpx.Response(503, json={"exception_message": "Service Unavailable"})
+        return await real_send(transport, request)
+
+    back_offs: list[float] = []  # the Prefect client's sleeps before sending again
+    real_sleep = anyio.sleep
+
+    async def recorded_sleep(seconds: float) -> None:
+        if sys._getframe(1).f_code.co_name == "_send_with_retry":
+            back_offs.append(seconds)
+        await real_sleep(seconds)
+
+    monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", sometimes_locked)
+    monkeypatch.setattr(anyio, "sleep", recorded_sleep)
+    budget = PrefectRequestBudget(small_limit, window=1.0)
+    await asyncio.wait_for(sent_at_once(budget, 2), timeout=60)
+    assert locked["left"] == 0  # the lease call met the locked database
+    assert back_offs == []
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(small_limit)
+    assert limit.active_slots == 2  # granted once, not once per try

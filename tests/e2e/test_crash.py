@@ -129,7 +129,8 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
         state = asyncio.run(_wait_for(flow_run.id, StateType.COMPLETED, within=240))
         assert state is not None, (prefect_server.home / "worker-2.log").read_text()[-3000:]
         history = asyncio.run(_state_names(flow_run.id))
-        logs = asyncio.run(_logs(flow_run.id))
+        # The run's process ships its last logs after its Completed state: wait for them.
+        resumed = asyncio.run(_wait_for_log(flow_run.id, "resuming it, not paying again", 60))
     # Killed, Crashed after the heartbeats stopped, scheduled again by the automation.
     assert history.index("Crashed") < history.index("AwaitingRetry") < len(history) - 1, history
     # A heartbeat every 30 s; the automation allows ZOMBIE_S without one.
@@ -142,7 +143,7 @@ def test_a_killed_worker_leaves_a_video_that_the_retried_run_resumes(
     assert task["status"] == "completed"
     assert task["status_checks"] > checks_at_kill  # the new worker watched the same task
     assert (videos / f"{task['task_id']}.mp4").read_bytes()[4:8] == b"ftyp"
-    assert any("resuming it, not paying again" in line for line in logs)
+    assert resumed, "the retried run never logged that it resumed the video"
     # The key was in the workers' environment: no file they or their runs wrote holds it.
     assert left_by_the_kill == []
     assert files_holding(KEY, worker_tmp, prefect_server.home) == []
@@ -175,6 +176,16 @@ async def _state_names(flow_run_id: UUID) -> list[str]:
     async with get_client() as client:
         states = await client.read_flow_run_states(flow_run_id)
     return [str(state.name) for state in sorted(states, key=lambda s: s.timestamp)]
+
+
+async def _wait_for_log(flow_run_id: UUID, text: str, within: float) -> bool:
+    """Whether a log line of the run holds ``text`` within the time."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if any(text in line for line in await _logs(flow_run_id)):
+            return True
+        await asyncio.sleep(1)
+    return False
 
 
 async def _logs(flow_run_id: UUID) -> list[str]:

@@ -151,14 +151,16 @@ async def test_keys_started_twice_killed_and_rerun_never_pay_twice_nor_lose_a_vi
     victim.wait(timeout=30)
 
     sim.config.faults = Faults()
-    sim.config.generation_seconds = (600, 600)
+    # 900 s (9 s here) to watch, under the 1200 s give-up: long enough on a loaded machine
+    # that no video is done before every run is seen submitted (the keys are waited on
+    # together: one at a time, a late first run let a later one complete first).
+    sim.config.generation_seconds = (900, 900)
     watching = [job(f"watch-{n}") for n in range(KILLED)]
     victim = spawn(
         {"runs": [{"prompt": p, "idempotency_key": k} for k, p in watching], "concurrency": KILLED},
         processes,
     )
-    for key, _ in watching:
-        await wait_for_state(key, {"submitted"})
+    await asyncio.gather(*(wait_for_state(key, {"submitted"}) for key, _ in watching))
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
     sim.config.generation_seconds = (120, 180)

@@ -364,6 +364,8 @@ async def _make_items(
 
     async def run(position: int, item: BatchItem) -> ItemOutcome:
         async with slots:
+            if planner.is_binding():  # checks would wait behind a burst of starts
+                limiter.pace()
             planner.queued -= 1
             outcome = await _run_item(
                 share.indices[position],

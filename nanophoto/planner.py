@@ -17,11 +17,19 @@ The strategy, decided again before every check:
   done (their 98th percentile, plus a second). If it is not done yet, the
   next check goes where the times still possible put the same percentile,
   or one interval on, doubling while no observed time reaches that far.
-  Submits go before checks (the limiter's priority): a submit starts a
-  generation that runs while we wait, a check only learns sooner what is
-  already under way. Seeing a video late costs nothing but latency; the
-  batch keeps enough videos in flight that the budget, not the wait, sets
-  the pace.
+
+Starts are paced so that each planned check finds a slot when it is due. The
+limiter (``nanophoto/ratelimit.py``) grants a waiting submit first, then a
+due check, and a prompt, which starts a new item, only with a slot neither
+needs; while the budget binds (a batch's requests waiting at once, or the
+window full) it spreads its grants evenly over the window, so no hour starts
+with a burst that leaves the rest of it without a slot. So new videos start
+at the rate the key's budget leaves after the videos already paid for are
+seen (about one every 3.1 requests' worth of time, 36 s per request at 100
+an hour), a check waits a pace or two rather than behind every item the
+batch could start, and the budget never idles while items wait: throughput
+stays at the limit. Submits first: a prompt already paid for should start
+its generation at once.
 
 Observed times are the API's own ``generationTime``, not when we happened to
 notice completion (that would feed our own waiting back into the estimate).

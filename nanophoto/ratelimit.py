@@ -2,14 +2,24 @@
 
 NanoPhoto allows a key ``RATE_LIMIT_PER_HOUR`` requests, counted over a sliding hour.
 ``RequestLimiter`` enforces exactly that in one process, so this process
-never causes a 429. Requests are granted in priority order (``PROMPT`` and
-``SUBMIT`` before ``CHECK``): a submit starts a generation that runs while we
-wait, a status check only learns sooner what is already under way.
+never causes a 429. Waiting requests are granted in ``Priority`` order:
+submits, then status checks, then prompts.
 
 A request holds its slot from its grant until it is done, and one window
 after that: NanoPhoto counts it when it arrives, which may be well after the
 grant (a submission record written first, a connection made on a loaded
 machine), and never after its answer.
+
+Grants are paced at the budget's average rate, a request every ``window /
+requests`` seconds with a burst of ``PACED_BURST`` of the budget, while the
+budget binds: once the window has been full, or from the start of a batch
+whose planner expects it to bind (``pace``). A sliding window frees its
+slots when the requests of a window ago age out, so an unpaced burst (a
+batch's first hour spent in its first minutes) comes back every hour, and a
+status check due in the gap waits for the next hour's burst. Paced, the
+slots come free evenly and a check waits a few paces at most. Videos that
+fit the budget checked every 20 s are never paced: their requests go when
+asked. Pacing ends a window after the budget last bound.
 
 Several processes share one key through an ``Upstream``: the Prefect flows
 plug in a Prefect global concurrency limit (``tasks/ratelimit.py``), and the
@@ -21,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,14 +44,22 @@ from nanophoto.contract import RATE_LIMIT_PER_HOUR, RATE_WINDOW_S
 # Our clock starts a request a little before the server counts it; a window
 # this much longer keeps request N+1 out of request 1's hour on the server.
 WINDOW_MARGIN = 0.01
+# Grants that may go at once while paced, as a share of the budget (at least one).
+PACED_BURST = 0.02
 
 
 class Priority(IntEnum):
-    """Which waiting request goes first when the budget is spent (lowest first)."""
+    """Which waiting request goes first when the budget is spent (lowest first).
+
+    A submit finishes what a paid prompt began; a check is due on a video
+    that is most likely done; a prompt starts a new item, so it takes only the
+    slots the others leave, and new items start at the pace the budget allows
+    once the videos already paid for are seen (``nanophoto/planner.py``).
+    """
 
     SUBMIT = 0
-    PROMPT = 1
-    CHECK = 2
+    CHECK = 1
+    PROMPT = 2
 
 
 Done = Callable[[], None]  # a request is done: its slot's window starts now
@@ -101,11 +120,21 @@ class RequestLimiter:
         self._waiting: list[tuple[int, int, asyncio.Future[Done]]] = []
         self._order = itertools.count()
         self._dispatcher: asyncio.Task[None] | None = None
+        # Pacing: the budget last bound at ``_binding_at``; tokens refill at ``per_second``.
+        self._binding_at: float | None = None
+        self._burst = max(1.0, round(requests * PACED_BURST))
+        self._tokens = self._burst
+        self._refilled_at = clock()
         self.granted_total = 0
         self.waited_seconds = 0.0
 
     def __repr__(self) -> str:
         return f"RequestLimiter(requests={self.requests}, window={self.window:g})"
+
+    def pace(self) -> None:
+        """The budget is about to bind (a batch's planner says so): pace grants from now
+        on, for a window, rather than wait for the window to fill in a burst first."""
+        self._binding_at = self._clock()
 
     @property
     def per_second(self) -> float:
@@ -163,6 +192,14 @@ class RequestLimiter:
 
         return done
 
+    def _pace(self, now: float) -> float:
+        """Grants the pace allows now (at most ``_burst``); any number if not paced."""
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled_at) * self.per_second)
+        self._refilled_at = now
+        if self._binding_at is None or now - self._binding_at > self.window:
+            return math.inf  # the budget has not bound for a window
+        return self._tokens
+
     def _expire(self, now: float) -> None:
         while self._granted and self._granted[0] <= now - self.window:
             self._granted.popleft()
@@ -180,13 +217,20 @@ class RequestLimiter:
                 self._expire(now)
                 free = self.requests - len(self._granted) - self._under_way
                 if free <= 0:
+                    self._binding_at = now
                     if self._granted:
                         await self._sleep(self._granted[0] + self.window - now)
                     else:  # every slot is under way: the first one done starts its window
                         self._done.clear()
                         await self._done.wait()
                     continue
-                count = min(free, waiting)
+                paced = self._pace(now)
+                if paced < 1:  # still binding: requests wait for the pace
+                    self._binding_at = now
+                    await self._sleep((1 - paced) / self.per_second)
+                    continue
+                count = int(min(free, waiting, paced))
+                self._tokens = max(0.0, self._tokens - count)
                 upstream_done = _nothing
                 if self.upstream is not None:
                     upstream_done = await self.upstream.acquire(count)

@@ -132,7 +132,7 @@ async def test_a_batch_in_parts_needs_the_part_deployment_and_says_so(api: Simul
 async def test_a_tight_budget_is_never_exceeded_and_binds_the_checks(
     make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # 30 requests per compressed hour (10.8 s), generations of 1.2-4.8 s.
+    # 30 requests per compressed hour (36 s), generations of 1.2-4.8 s.
     simulator = make_simulator(rate_limit=30, seed=3)
     use_simulator(simulator, monkeypatch)
     items = [BatchItem(prompt=f"Scene {i}: a paper boat in the rain") for i in range(12)]
@@ -145,6 +145,10 @@ async def test_a_tight_budget_is_never_exceeded_and_binds_the_checks(
     # Checks went where videos were done: close to one per video.
     checks = ledger["requests"][DEFAULT_KEY]["check-status"]
     assert checks <= 12 * 1.5, checks
+    # The planner saw the budget bind: the six first submits were paced, one every
+    # hour / 30 = 120 simulated s, not sent in a burst (allow one pace of jitter).
+    submits = sorted(task["submitted_at"] for task in ledger["tasks"])
+    assert submits[5] - submits[0] >= 4 * 120.0, submits
 
 
 async def _prompt_records(flow_run_id: UUID | None) -> list[str]:

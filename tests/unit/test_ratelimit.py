@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -27,6 +28,13 @@ class FakeTime:
         self.now += max(seconds, 0.0)
 
 
+def _at_most_the_limit_in_any_window(granted: list[float], limit: int, window: float) -> bool:
+    return all(
+        sum(start <= t < start + window for t in granted[i:]) <= limit
+        for i, start in enumerate(granted)
+    )
+
+
 async def test_never_more_than_the_limit_in_any_window() -> None:
     time = FakeTime()
     limiter = RequestLimiter(5, 100.0, margin=0.0, clock=time.clock, sleep=time.sleep)
@@ -40,13 +48,59 @@ async def test_never_more_than_the_limit_in_any_window() -> None:
     assert len(granted) == 12
     # Any 100 s window holds at most 5 grants; the first 5 go at once.
     assert granted[:5] == [0.0] * 5
-    for i, start in enumerate(granted):
-        assert sum(start <= t < start + 100.0 for t in granted[i:]) <= 5
+    assert _at_most_the_limit_in_any_window(granted, 5, 100.0)
     assert granted[5] == pytest.approx(100.0)
     assert granted[10] == pytest.approx(200.0)
 
 
-async def test_submits_go_before_checks_when_the_budget_is_spent() -> None:
+async def test_a_batch_expected_to_bind_is_paced_from_its_start() -> None:
+    """Granted at once, a batch's requests would fill the first window in a burst that
+    comes free, and is spent, in one burst every window after it, leaving a gap each
+    time in which a due check waits for the next burst. Paced, they go one every
+    window / requests from the first, and no gap opens."""
+    time = FakeTime()
+    limiter = RequestLimiter(10, 100.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    granted: list[float] = []
+
+    async def request() -> None:
+        await limiter.acquire()
+        granted.append(time.now)
+
+    limiter.pace()
+    await asyncio.wait_for(asyncio.gather(*(request() for _ in range(30))), timeout=5)
+    assert granted[0] == 0.0
+    gaps = [b - a for a, b in itertools.pairwise(granted)]
+    assert gaps == pytest.approx([10.0] * 29)  # one every 100 s / 10 requests, no gap
+    assert _at_most_the_limit_in_any_window(granted, 10, 100.0)
+
+
+async def test_once_the_window_was_full_grants_are_spread_over_it() -> None:
+    """One request at a time is not paced until the window is full; from then on, the
+    window's slots come free at the pace, not all at once a window after the first."""
+    time = FakeTime()
+    limiter = RequestLimiter(10, 100.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    granted: list[float] = []
+    for _ in range(20):
+        await asyncio.wait_for(limiter.acquire(), timeout=5)
+        granted.append(time.now)
+    assert granted[:10] == [0.0] * 10  # not binding yet: at once
+    gaps = [b - a for a, b in itertools.pairwise(granted[10:])]
+    assert gaps == pytest.approx([10.0] * 9)  # then one every 100 s / 10 requests
+    assert _at_most_the_limit_in_any_window(granted, 10, 100.0)
+
+
+async def test_requests_within_the_budget_are_not_paced() -> None:
+    """Videos that fit the budget, checked every 20 s: their requests go when asked, not
+    at the hourly pace."""
+    time = FakeTime()
+    limiter = RequestLimiter(10, 100.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire() for _ in range(5))), timeout=5)
+    for _ in range(4):
+        await asyncio.wait_for(limiter.acquire(), timeout=5)
+    assert time.now == 0.0
+
+
+async def test_submits_then_checks_then_prompts_when_the_budget_is_spent() -> None:
     time = FakeTime()
     limiter = RequestLimiter(1, 10.0, margin=0.0, clock=time.clock, sleep=time.sleep)
     await limiter.acquire()  # spends the window
@@ -63,7 +117,7 @@ async def test_submits_go_before_checks_when_the_budget_is_spent() -> None:
         asyncio.create_task(request("prompt", Priority.PROMPT)),
     ]
     await asyncio.wait_for(asyncio.gather(*waiting), timeout=5)
-    assert order == ["submit", "prompt", "check-1", "check-2"]
+    assert order == ["submit", "check-1", "check-2", "prompt"]
 
 
 async def test_a_cancelled_waiter_takes_no_slot() -> None:

@@ -5,6 +5,7 @@ stuck, or the Prefect API that shares it is gone."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 import time
 import uuid
@@ -160,3 +161,24 @@ async def test_a_locked_database_costs_the_budget_no_client_back_off(
     async with get_client() as client:
         limit = await client.read_global_concurrency_limit_by_name(small_limit)
     assert limit.active_slots == 2  # granted once, not once per try
+
+
+async def test_the_budgets_calls_load_the_ca_bundle_once_per_process(
+    small_limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each lease call and release opens a Prefect client, which would load the CA bundle
+    (about 20 ms of CPU) for itself: three times per request once each grant takes its
+    own lease. Five requests open ten clients; they share one TLS context."""
+    loads: list[object] = []
+    real_load = ssl.SSLContext.load_verify_locations
+
+    def counted(context: ssl.SSLContext, *args: object, **kwargs: object) -> None:
+        loads.append(args)
+        real_load(context, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    budget = PrefectRequestBudget(small_limit, window=0.1)
+    for _ in range(5):
+        await asyncio.wait_for(sent_at_once(budget, 1), timeout=60)
+    await asyncio.sleep(1.0)  # the releases, a window after each request
+    assert len(loads) <= 2, loads  # one for the process, one for a stray client of Prefect's

@@ -45,8 +45,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import boto3
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -511,14 +513,19 @@ def test_a_batch_over_two_hosts_survives_a_lost_host_and_a_restarted_replica(
                 )
             )
             wait_until(lambda: simulator.snapshot()["submits"] >= 10, "ten submits", 400)
-            wait_until(lambda: not sending(s3), "a moment with no submit on the wire", 120)
             running = asyncio.run(wait_for_all(first, [batch], within=0))[0]
             victim = running.labels.get("prefect.worker.name")
             assert victim in ("worker-1", "worker-2"), running.labels
             lost, survivor = (0, 2) if victim == "worker-1" else (1, 1)
+            # The paced budget starts a submit every few seconds: hold every free slot so
+            # that none starts between the look at the wire and the kill.
+            held = asyncio.run(hold_the_budget(first))
+            time.sleep(2)  # a request granted just before the hold has started by now
+            wait_until(lambda: not sending(s3), "a moment with no submit on the wire", 120)
             killed = kill_host(network.namespaces[lost])
             killed_at = datetime.datetime.now(datetime.UTC)
             submits_at_kill = simulator.snapshot()["submits"]
+            asyncio.run(release(pool.apis[survivor - 1], held))
             restart_s = restart_api(cluster, survivor)
             done = asyncio.run(wait_for_all(pool.apis[survivor - 1], [batch], within=900))[0]
             parts = asyncio.run(runs_named(first, "batch part"))
@@ -564,11 +571,39 @@ def test_a_batch_over_two_hosts_survives_a_lost_host_and_a_restarted_replica(
     assert_no_server_errors(cluster, pool)
     print(
         f"\ntopology batch: {BATCH} items in {PARTS} parts over two hosts; host of {victim} "
-        f"lost ({killed} processes) after {submits_at_kill} submits; replica {survivor} "
+        f"lost ({killed} processes) after {submits_at_kill} submits, {len(held)} free request "
+        f"slots held for the kill; replica {survivor} "
         f"restarted in {restart_s:.0f} s; Crashed within {late:.0f} s; {ledger['submits']} "
         f"submits, {ledger['total_requests']} requests under {BATCH_RATE_LIMIT} per window, "
         f"429s: {sum(ledger['rate_limited'].values())}"
     )
+
+
+async def hold_the_budget(api: str) -> list[UUID]:
+    """Lease every free slot of the shared request budget: no process can start a request
+    until they are released."""
+    leases: list[UUID] = []
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        async with get_client() as client:
+            for _ in range(BATCH_RATE_LIMIT + 1):
+                try:
+                    response = await client.increment_concurrency_slots_with_lease(
+                        names=["nanophoto-api"], slots=1, mode="concurrency", lease_duration=300
+                    )
+                except httpx.HTTPStatusError as error:
+                    if error.response.status_code == 423:  # full: held
+                        return leases
+                    raise
+                leases.append(UUID(response.json()["lease_id"]))
+    raise AssertionError("the request budget never filled")
+
+
+async def release(api: str, leases: list[UUID]) -> None:
+    """Give back the slots ``hold_the_budget`` took."""
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        async with get_client() as client:
+            for lease in leases:
+                await client.release_concurrency_slots_with_lease(lease)
 
 
 def sending(s3: str) -> list[str]:

@@ -20,15 +20,21 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed ## The main job: topic to MP4 on the simulator and Prefect's embedded server.
 	$(PY) -m sora2.demo
 
-# The end-to-end tests (tests/e2e) mostly wait on servers, workers and crash detection:
-# they run beside the rest, in their own pytest, and their report follows the rest's.
+# Three pytest processes side by side, each reporting in turn: the end-to-end tests
+# (tests/e2e) and the two soaks mostly wait (on servers, workers, crash detection, and
+# on the embedded SQLite server's lock waits: see README "Tests"), so they run beside
+# the rest; the soaks get a test harness of their own, whose stalls then stop no other test.
+SOAKS := tests/prefect/test_soak.py tests/prefect/test_concurrency_soak.py
 test: lint $(VENV)/.installed ## Lint, type-check, then the whole test suite.
-	@e2e_log=$$(mktemp); e2e_tmp=$$(mktemp -d); \
-	$(PY) -m pytest tests/e2e -p no:cacheprovider --basetemp="$$e2e_tmp/t" >"$$e2e_log" 2>&1 & e2e=$$!; \
-	$(PY) -m pytest --ignore=tests/e2e; rest=$$?; \
-	wait $$e2e; e2e_rc=$$?; \
-	echo "=== tests/e2e (run beside the rest) ==="; cat "$$e2e_log"; rm -rf "$$e2e_log" "$$e2e_tmp"; \
-	test $$rest -eq 0 && test $$e2e_rc -eq 0
+	@e2e_log=$$(mktemp); soak_log=$$(mktemp); side_tmp=$$(mktemp -d); \
+	$(PY) -m pytest tests/e2e -p no:cacheprovider --basetemp="$$side_tmp/e2e" >"$$e2e_log" 2>&1 & e2e=$$!; \
+	$(PY) -m pytest $(SOAKS) -p no:cacheprovider --basetemp="$$side_tmp/soak" >"$$soak_log" 2>&1 & soak=$$!; \
+	$(PY) -m pytest --ignore=tests/e2e $(addprefix --ignore=,$(SOAKS)); rest=$$?; \
+	wait $$soak; soak_rc=$$?; wait $$e2e; e2e_rc=$$?; \
+	echo "=== the soaks (run beside the rest) ==="; cat "$$soak_log"; \
+	echo "=== tests/e2e (run beside the rest) ==="; cat "$$e2e_log"; \
+	rm -rf "$$e2e_log" "$$soak_log" "$$side_tmp"; \
+	test $$rest -eq 0 && test $$soak_rc -eq 0 && test $$e2e_rc -eq 0
 
 unit: $(VENV)/.installed ## The tests that need no Prefect server (seconds).
 	$(PY) -m pytest tests/unit

@@ -40,7 +40,11 @@ from prefect.client.schemas.actions import (
 )
 from prefect.context import AsyncClientContext
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+from prefect.settings import (
+    PREFECT_API_SSL_CERT_FILE,
+    PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+    PREFECT_API_URL,
+)
 
 from nanophoto.errors import ConfigurationError, NanoPhotoError
 from nanophoto.ratelimit import WINDOW_MARGIN, Done, RequestLimiter
@@ -157,6 +161,13 @@ class PrefectRequestBudget:
         self.api_retry_delay = api_retry_delay
         self._limit: int | None = None
         self._releases: set[asyncio.Task[None]] = set()
+        # One Prefect client for every call while any is due (``_client``).
+        self._client: PrefectClient | None = None
+        self._client_url: str | None = None
+        self._client_stack: contextlib.AsyncExitStack | None = None
+        self._client_users = 0
+        self._client_opening = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
         # One budget call at a time from this process: concurrent writes to a
         # SQLite-backed server collide, and the client then backs off for seconds.
         self._calls = asyncio.Lock()
@@ -167,7 +178,11 @@ class PrefectRequestBudget:
     async def acquire(self, count: int) -> Done:
         """Take ``count`` slots (see ``_acquire``), with a Prefect client of our own; the
         answer is called once per request when it is done."""
-        leases = await asyncio.create_task(self._acquire(count), context=_own_client_context())
+        try:
+            leases = await asyncio.create_task(self._acquire(count), context=_own_client_context())
+        except BaseException:
+            self._close_client_if_idle()
+            raise
         return self._held(leases, count)
 
     def _held(self, leases: list[UUID], count: int) -> Done:
@@ -192,7 +207,7 @@ class PrefectRequestBudget:
             await asyncio.sleep(RENEW_EVERY_S)
             for lease_id in leases:
                 try:
-                    async with self._calls, budget_client() as client:
+                    async with self._calls, self._prefect() as client:
                         await client.renew_concurrency_lease(lease_id, self._lease_duration)
                 except Exception as error:  # the next renewal tries again
                     _logger.warning("could not renew lease %s: %s", lease_id, error)
@@ -205,7 +220,7 @@ class PrefectRequestBudget:
         server that lost its leases in a restart), raises a ``NanoPhotoError``
         naming the cause, so no run waits forever.
         """
-        async with budget_client() as client:
+        async with self._prefect() as client:
             failures = 0
             while True:
                 try:
@@ -347,7 +362,7 @@ class PrefectRequestBudget:
         """Release these leases at once; one that cannot be expires on its own."""
         for lease_id in lease_ids:
             try:
-                async with self._calls, budget_client() as client:
+                async with self._calls, self._prefect() as client:
                     await client.release_concurrency_slots_with_lease(lease_id)
             except Exception as error:
                 _logger.debug("could not release lease %s: %s", lease_id, error)
@@ -361,7 +376,7 @@ class PrefectRequestBudget:
             await asyncio.sleep(after)
             for lease_id in lease_ids:
                 try:
-                    async with self._calls, budget_client() as client:
+                    async with self._calls, self._prefect() as client:
                         await client.release_concurrency_slots_with_lease(lease_id)
                 except Exception as error:  # the lease then expires on its own
                     _logger.debug("could not release lease %s: %s", lease_id, error)
@@ -369,11 +384,64 @@ class PrefectRequestBudget:
         self._spawn(release(), f"release-{lease_ids[0]}")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """A background task of the budget, with its own Prefect client, kept referenced."""
+        """A background task of the budget, outside any run's context, kept referenced."""
         task = asyncio.create_task(work, name=name, context=_own_client_context())
         self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._releases.discard(task)
+        if not task.cancelled():  # (cancelled: the loop is ending, or a release follows)
+            self._close_client_if_idle()
+
+    @contextlib.asynccontextmanager
+    async def _prefect(self) -> AsyncIterator[PrefectClient]:
+        """The budget's Prefect client (``budget_client``), open while calls are due.
+
+        A fresh client per call would cost a second request each time (Prefect's
+        client asks the server for a CSRF token before its first write) and the
+        client's construction: a paced batch makes several budget calls per
+        request. The client is closed once no call is under way and no renewal or
+        release is pending (``_close_client_if_idle``), and replaced if the API's
+        URL changed meanwhile.
+        """
+        url = PREFECT_API_URL.value()
+        async with self._client_opening:
+            if self._client is None or self._client_url != url:
+                if self._client_users == 0:
+                    await self._close_client()
+                # (else the old one is someone's for their call: the collector closes it)
+                stack = contextlib.AsyncExitStack()
+                client = await stack.enter_async_context(budget_client())
+                self._client, self._client_url, self._client_stack = client, url, stack
+            self._client_users += 1
+            client = self._client
+        try:
+            yield client
+        finally:
+            self._client_users -= 1
+
+    def _close_client_if_idle(self) -> None:
+        """Close the client when nothing is due: no call, no pending renewal or release."""
+        if self._client is not None and not self._client_users and not self._releases:
+            self._spawn_closing()
+
+    def _spawn_closing(self) -> None:
+        closing = asyncio.create_task(self._close_when_idle(), name="budget-client-close")
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _close_when_idle(self) -> None:
+        async with self._client_opening:  # a call that came meanwhile keeps it open
+            if not self._client_users and not self._releases:
+                await self._close_client()
+
+    async def _close_client(self) -> None:
+        stack, self._client, self._client_stack = self._client_stack, None, None
+        if stack is not None:
+            with contextlib.suppress(Exception):  # a broken connection: nothing to keep
+                await stack.aclose()
 
 
 def _own_client_context() -> contextvars.Context:

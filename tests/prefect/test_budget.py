@@ -5,6 +5,7 @@ stuck, or the Prefect API that shares it is gone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import sys
 import time
@@ -18,6 +19,7 @@ from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+import tasks.ratelimit
 from nanophoto.client import NanoPhotoClient
 from nanophoto.errors import NanoPhotoError
 from nanophoto.models import VideoRequest
@@ -166,9 +168,9 @@ async def test_a_locked_database_costs_the_budget_no_client_back_off(
 async def test_the_budgets_calls_load_the_ca_bundle_once_per_process(
     small_limit: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each lease call and release opens a Prefect client, which would load the CA bundle
-    (about 20 ms of CPU) for itself: three times per request once each grant takes its
-    own lease. Five requests open ten clients; they share one TLS context."""
+    """A Prefect client would load the CA bundle (about 20 ms of CPU) for itself, and the
+    budget opens one again whenever it was idle: five requests a window apart open up
+    to ten clients; they share one TLS context."""
     loads: list[object] = []
     real_load = ssl.SSLContext.load_verify_locations
 
@@ -182,3 +184,33 @@ async def test_the_budgets_calls_load_the_ca_bundle_once_per_process(
         await asyncio.wait_for(sent_at_once(budget, 1), timeout=60)
     await asyncio.sleep(1.0)  # the releases, a window after each request
     assert len(loads) <= 2, loads  # one for the process, one for a stray client of Prefect's
+
+
+async def test_the_budgets_calls_share_one_client_while_any_is_due(
+    small_limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client per call cost a second request each time (the CSRF token Prefect's client
+    asks for before its first write) and its construction. While releases are pending,
+    every lease call and release goes through one client, closed once nothing is due."""
+    opened: list[object] = []
+    real_client = tasks.ratelimit.budget_client
+
+    def counted() -> contextlib.AbstractAsyncContextManager[object]:
+        opened.append(None)
+        return real_client()
+
+    monkeypatch.setattr(tasks.ratelimit, "budget_client", counted)
+    window = 1.0
+    budget = PrefectRequestBudget(small_limit, window=window)
+    for _ in range(5):  # 2 slots: the third waits for the first's release, a window later
+        await asyncio.wait_for(sent_at_once(budget, 1), timeout=60)
+    if budget._releases:
+        await asyncio.wait(set(budget._releases), timeout=30)  # the last releases
+    assert not budget._releases
+    if budget._closing:
+        await asyncio.wait(set(budget._closing), timeout=30)
+    assert len(opened) == 1, f"{len(opened)} clients for 5 lease calls and 5 releases"
+    assert budget._client is None  # closed once nothing was due
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(small_limit)
+    assert limit.active_slots == 0  # every release went through

@@ -11,7 +11,9 @@ Two runs, each against its own simulator:
      its global rate limit, topics in, MP4s out.
 2. **Scale run**: 500 ready prompts in flight in one batch, the limit raised,
    at time scale 1/10 (generations of 12-48 s, checks every 2 s), against the
-   ideal wall time: the longest generation plus one check interval.
+   ideal wall time: the longest generation plus one check interval. Once on
+   the embedded server, then (unless ``--skip-cluster``, or where PostgreSQL
+   and Redis cannot be had) on ``make cluster-up``'s production topology.
 
 Each side runs in its own process, so CPU seconds and peak memory are its
 own (with the Prefect server process it started); the simulators run in this
@@ -125,8 +127,18 @@ async def _at_start(idle_s: float = IDLE_S) -> dict[str, float]:
 # --- the two sides, each in its own process -------------------------------------------
 
 
-def _prefect_env(base_url: str, time_scale: float, rate_limit: int) -> None:
-    """A private embedded Prefect server, and our client pointed at the simulator."""
+def machine_cpu_seconds() -> float:
+    """CPU seconds every process of the machine has used since boot (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields) if i not in (3, 4))  # not idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _prefect_env(
+    base_url: str, time_scale: float, rate_limit: int, api_url: str | None = None
+) -> None:
+    """A private embedded Prefect server (or the one at ``api_url``), and our client
+    pointed at the simulator."""
     home = tempfile.mkdtemp(prefix="sora2-bench-")
     os.environ.update(
         {
@@ -143,7 +155,10 @@ def _prefect_env(base_url: str, time_scale: float, rate_limit: int) -> None:
             "SORA2_OUTPUT_ROOT": tempfile.gettempdir(),
         }
     )
-    os.environ.pop("PREFECT_API_URL", None)
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    else:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 async def _run_ours(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,7 +242,7 @@ async def _run_baseline(args: argparse.Namespace) -> dict[str, Any]:
 async def _run_scale(args: argparse.Namespace) -> dict[str, Any]:
     """``videos`` ready prompts in one batch, all in flight, to the end."""
     limit = 1_000_000
-    _prefect_env(args.base_url, args.time_scale, limit)
+    _prefect_env(args.base_url, args.time_scale, limit, args.api_url)
     from flows.batch import BatchItem, batch_of_videos
     from nanophoto.watch import WatchSchedule
     from tasks.ratelimit import create_rate_limit
@@ -402,15 +417,26 @@ def rate_run(hours: float, time_scale: float, max_in_flight: int, logs: Path) ->
         }
 
 
-def scale_run(videos: int, time_scale: float, logs: Path) -> dict[str, Any]:
-    """``videos`` in flight at once; wall time against the ideal, and where it went."""
+def scale_run(
+    videos: int, time_scale: float, logs: Path, api_url: str | None = None
+) -> dict[str, Any]:
+    """``videos`` in flight at once; wall time against the ideal, and where it went.
+
+    With ``api_url``, the flow's process uses that Prefect server (the cluster)
+    instead of starting an embedded one; the machine's CPU is then what tells
+    the server's share, with the simulator's (which runs here) and the rest.
+    """
     config = SimulatorConfig(keys={KEY: 10**7}, time_scale=time_scale, seed=3, rate_limit=1_000_000)
+    log = logs / ("scale-cluster.log" if api_url else "scale.log")
+    options: dict[str, Any] = {"videos": videos, "time_scale": time_scale}
+    if api_url:
+        options["api_url"] = api_url
     with SimulatorThread(config) as sim:
         origin = time.time()
-        process = _arm(
-            "scale", sim.base_url, logs / "scale.log", videos=videos, time_scale=time_scale
-        )
-        result = _result(process, "scale", logs / "scale.log")
+        machine_before = machine_cpu_seconds()
+        process = _arm("scale", sim.base_url, log, **options)
+        result = _result(process, "scale", log)
+        machine = machine_cpu_seconds() - machine_before
         ledger = sim.snapshot()
     tasks = ledger["tasks"]
     start = (result["started_wall"] - origin) / time_scale  # simulated s, ledger's clock
@@ -425,6 +451,7 @@ def scale_run(videos: int, time_scale: float, logs: Path) -> dict[str, Any]:
         return None if simulated is None else round(simulated * time_scale, 2)
 
     return {
+        "server": "cluster (PostgreSQL, Redis, 2 API replicas)" if api_url else "embedded",
         "videos": videos,
         "delivered": result["delivered"],
         "wall_s": round(result["elapsed"], 1),
@@ -441,6 +468,9 @@ def scale_run(videos: int, time_scale: float, logs: Path) -> dict[str, Any]:
         "cpu_seconds_flow_process": result["cpu_seconds_flow_process"],
         "cpu_seconds_prefect_server": result["cpu_seconds_prefect_server"],
         "cpu_cores_busy": round(result["cpu_seconds"] / result["elapsed"], 2),
+        # From the flow's start to its end, everything: its process, the server (embedded
+        # or cluster), the simulator, and whatever else this machine ran meanwhile.
+        "cpu_seconds_machine": round(machine, 1),
         "peak_mib": result["peak_mib"],
     }
 
@@ -498,6 +528,19 @@ def _table(rate: dict[str, Any], hours: float) -> str:
     return "\n".join(lines)
 
 
+def _scale_on_cluster(videos: int, logs: Path) -> dict[str, Any]:
+    """The scale run against ``make cluster-up``'s topology (one flow process, one API
+    replica): the goal issue 15 sets where the embedded server cannot meet it."""
+    from benchmarks.topology import cluster
+
+    print(f"scale run on the cluster: {videos} videos ...", flush=True)
+    try:
+        with cluster(logs) as (apis, _):
+            return scale_run(videos, 0.1, logs, api_url=apis[0])
+    except SystemExit as error:  # no PostgreSQL or Redis to be had here: say so
+        return {"server": "cluster", "skipped": str(error)[:500]}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its tables."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.batch", description=__doc__)
@@ -507,9 +550,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", type=int, default=500, help="videos in the scale run")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-rate", action="store_true")
+    parser.add_argument(
+        "--skip-cluster", action="store_true", help="the scale run on the embedded server only"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--arm", choices=["ours", "baseline", "scale"], help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--api-url", help=argparse.SUPPRESS)
     parser.add_argument("--profile", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.arm:
@@ -526,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scale run: {args.videos} videos in flight at time scale 0.1 ...", flush=True)
         figures["scale"] = scale = scale_run(args.videos, 0.1, logs)
         print(json.dumps(scale, indent=2), flush=True)
+        if not args.skip_cluster:
+            figures["scale_cluster"] = _scale_on_cluster(args.videos, logs)
+            print(json.dumps(figures["scale_cluster"], indent=2), flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"logs: {logs}")

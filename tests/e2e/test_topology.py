@@ -56,8 +56,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import LogSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.cluster import postgres_bin
@@ -464,8 +470,8 @@ def test_forty_runs_at_once_over_two_hosts_complete_with_no_server_error(
             pool.stop()
         wall = time.monotonic() - started
         ledger = simulator.snapshot()
-    states = [run.state.type.value if run.state else "?" for run in finished]
-    assert set(states) == {"COMPLETED"}, (states, pool.logs())
+    not_completed = [run for run in finished if run.state is None or not run.state.is_completed()]
+    assert not not_completed, asyncio.run(what_happened(first, not_completed))
     assert ledger["submits"] == RUNS  # each video paid once
     assert len({task["prompt_head"] for task in ledger["tasks"]}) == RUNS
     ran_by = [run.labels.get("prefect.worker.name") for run in finished]
@@ -716,6 +722,23 @@ def settled(run: FlowRun) -> bool:
     return not (
         state.is_crashed() and state.message == RETRIED_CRASH and run.run_count <= MAX_RUN_COUNT
     )
+
+
+async def what_happened(api: str, runs: list[FlowRun]) -> str:
+    """Each run's state and its last log lines, as the server has them."""
+    told = []
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        async with get_client() as client:
+            for run in runs:
+                logs = await client.read_logs(
+                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                    sort=LogSort.TIMESTAMP_DESC,
+                    limit=15,
+                )
+                lines = "\n    ".join(log.message[:300] for log in reversed(logs))
+                state = f"{run.state.name}: {run.state.message}" if run.state else "no state"
+                told.append(f"{run.name} ({run.id}): {state}\n    {lines}")
+    return "\n".join(told)
 
 
 async def wait_for_all(api: str, runs: list[FlowRun], within: float) -> list[FlowRun]:

@@ -767,6 +767,7 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
         plan=plan,
         artifacts=False,
         checks_as_tasks=False,
+        download_as_task=False,
         live_prompt=False,
     )
     try:

@@ -19,7 +19,7 @@ import copy
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -113,6 +113,9 @@ class Watching:
     plan: PlanFactory | None = None  # a batch's budget-aware check times, else the schedule
     artifacts: bool = True  # a progress bar and a link per video (a batch has one table)
     checks_as_tasks: bool = True  # each check a task run; a batch makes plain client calls
+    # The download a task run; a batch's is a plain call (its table lists the file): it
+    # is not paid for, and a rerun finds the file by its task id instead of downloading.
+    download_as_task: bool = True
     live_prompt: bool = True  # the prompt logged line by line; a batch logs it in one record
 
 
@@ -382,13 +385,7 @@ def _resumed(record: SubmissionRecord) -> SubmittedVideo:
 
 def _fresh_window(how: Watching) -> Watching:
     """A resumed video gets a watch window from now: the first run's may be spent."""
-    return Watching(
-        schedule=how.schedule.model_copy(update={"initial_delay": 0.0}),
-        output_dir=how.output_dir,
-        plan=how.plan,
-        artifacts=how.artifacts,
-        checks_as_tasks=how.checks_as_tasks,
-    )
+    return replace(how, schedule=how.schedule.model_copy(update={"initial_delay": 0.0}))
 
 
 def _unknown_outcome(record: SubmissionRecord) -> SubmitOutcomeUnknownError:
@@ -605,7 +602,10 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
         download_seconds, saved = 0.0, None
         if how.output_dir:
             started = time.monotonic()
-            saved = await download_video(task_id, status.video_url, how.output_dir)
+            if how.download_as_task:
+                saved = await download_video(task_id, status.video_url, how.output_dir)
+            else:
+                saved = await download_video.fn(task_id, status.video_url, how.output_dir)
             download_seconds = time.monotonic() - started
     except Exception as error:
         # Every way a watched video can end badly is a "failed" event, so an

@@ -84,6 +84,14 @@ async def test_one_failure_never_fails_the_others_and_the_budget_holds(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
     assert flow_run.name == "batch of 4: A fox at dawn"
+    # Task runs for the paid steps only: checks and downloads are plain calls (the table
+    # lists each file), the larger part of Prefect's work per item otherwise.
+    async with get_client() as client:
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    names = sorted(run.name.rsplit("-", 1)[0] for run in task_runs)
+    assert names == ["generate-prompt"] + ["submit-video"] * 3, names
     [progress] = [a for a in mine if a.type == "progress"]
     assert progress.data == 100.0
     assert progress.description is not None

@@ -766,8 +766,7 @@ async def _run_item(index: int, item: BatchItem, context: ItemContext) -> ItemOu
         context.output_dir,
         plan=plan,
         artifacts=False,
-        checks_as_tasks=False,
-        download_as_task=False,
+        steps_as_tasks=False,
         live_prompt=False,
     )
     try:

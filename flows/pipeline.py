@@ -112,10 +112,11 @@ class Watching:
     output_dir: str  # a folder or fsspec URL; empty: no download
     plan: PlanFactory | None = None  # a batch's budget-aware check times, else the schedule
     artifacts: bool = True  # a progress bar and a link per video (a batch has one table)
-    checks_as_tasks: bool = True  # each check a task run; a batch makes plain client calls
-    # The download a task run; a batch's is a plain call (its table lists the file): it
-    # is not paid for, and a rerun finds the file by its task id instead of downloading.
-    download_as_task: bool = True
+    # Each step (prompt, submit, check, download) a task run. A batch makes plain calls:
+    # a task run per step was most of Prefect's work per item (its state events, its log
+    # lines, the server storing them), and what keeps a submit exactly-once is the
+    # submission record, not the task run. Its table, events and logs show each item.
+    steps_as_tasks: bool = True
     live_prompt: bool = True  # the prompt logged line by line; a batch logs it in one record
 
 
@@ -410,7 +411,8 @@ async def _prompt_and_submit(
     started = time.monotonic()
     if isinstance(job, PromptRequest) and not claimed.prompt:
         try:
-            generated = await generate_prompt(job, live=how.live_prompt)
+            write = generate_prompt if how.steps_as_tasks else generate_prompt.fn
+            generated = await write(job, live=how.live_prompt)
         except NanoPhotoError as error:
             spend.prompt_credits += PROMPT_COST * error.prompt_streams_charged
             spend.at_risk += PROMPT_COST * error.prompt_streams_at_risk
@@ -435,7 +437,8 @@ async def _prompt_and_submit(
     if how.artifacts:
         await publish_prompt(request, topic=getattr(job, "topic", None))
     try:
-        submitted = await submit_video(claimed, request)
+        send = submit_video if how.steps_as_tasks else submit_video.fn
+        submitted = await send(claimed, request)
     except NanoPhotoError as error:
         if error.may_have_started:
             spend.at_risk += request.cost
@@ -571,7 +574,7 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
         if status.is_running:
             async with contextlib.AsyncExitStack() as stack:
                 watch_check: CheckStatus = check
-                if not how.checks_as_tasks:
+                if not how.steps_as_tasks:
                     # Plain calls on one client, not task runs: at hundreds of videos,
                     # a task run per check is most of the CPU.
                     watch_check = (await stack.enter_async_context(open_client())).check_status
@@ -602,10 +605,8 @@ async def finish_video(video: SubmittedVideo, how: Watching) -> VideoResult:
         download_seconds, saved = 0.0, None
         if how.output_dir:
             started = time.monotonic()
-            if how.download_as_task:
-                saved = await download_video(task_id, status.video_url, how.output_dir)
-            else:
-                saved = await download_video.fn(task_id, status.video_url, how.output_dir)
+            save = download_video if how.steps_as_tasks else download_video.fn
+            saved = await save(task_id, status.video_url, how.output_dir)
             download_seconds = time.monotonic() - started
     except Exception as error:
         # Every way a watched video can end badly is a "failed" event, so an

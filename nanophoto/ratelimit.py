@@ -10,16 +10,19 @@ after that: NanoPhoto counts it when it arrives, which may be well after the
 grant (a submission record written first, a connection made on a loaded
 machine), and never after its answer.
 
-Grants are paced at the budget's average rate, a request every ``window /
-requests`` seconds with a burst of ``PACED_BURST`` of the budget, while the
-budget binds: once the window has been full, or from the start of a batch
-whose planner expects it to bind (``pace``). A sliding window frees its
-slots when the requests of a window ago age out, so an unpaced burst (a
-batch's first hour spent in its first minutes) comes back every hour, and a
-status check due in the gap waits for the next hour's burst. Paced, the
-slots come free evenly and a check waits a few paces at most. Videos that
-fit the budget checked every 20 s are never paced: their requests go when
-asked. Pacing ends a window after the budget last bound.
+New work (prompts and submits) is paced at the budget's average rate, a
+request every ``window / requests`` seconds with a burst of ``PACED_BURST``
+of the budget, while the budget binds: once the window has been full, or
+from the start of a batch whose planner expects it to bind (``pace``). A
+sliding window frees its slots when the requests of a window ago age out, so
+an unpaced burst (a batch's first hour spent in its first minutes) comes
+back every hour, and a status check due in the gap waits for the next
+hour's burst. Paced, the slots come free evenly. A status check is never
+paced: it goes as soon as the window has room, on the pace's credit, which
+the new work after it repays (a check waiting a pace behind prompts only
+delays seeing a video that is most likely done). Videos that fit the
+budget checked every 20 s are never paced: their requests go when asked.
+Pacing ends a window after the budget last bound.
 
 Several processes share one key through an ``Upstream``: the Prefect flows
 plug in a Prefect global concurrency limit (``tasks/ratelimit.py``), and the
@@ -225,32 +228,62 @@ class RequestLimiter:
                         await self._done.wait()
                     continue
                 paced = self._pace(now)
-                if paced < 1:  # still binding: requests wait for the pace
+                if paced < 1:  # still binding: new work waits for the pace
                     self._binding_at = now
-                    await self._sleep((1 - paced) / self.per_second)
+                    check = self._due_check()
+                    if check is not None:  # a video's check: now, on the pace's credit
+                        self._tokens -= 1
+                        await self._grant([check])
+                        continue
+                    # A quarter of a pace at most: a check that comes meanwhile goes then.
+                    pace = 1 / self.per_second
+                    await self._sleep(min((1 - paced) * pace, pace / 4))
                     continue
                 count = int(min(free, waiting, paced))
                 self._tokens = max(0.0, self._tokens - count)
-                upstream_done = _nothing
-                if self.upstream is not None:
-                    upstream_done = await self.upstream.acquire(count)
-                while count and self._waiting:
-                    _, _, future = heapq.heappop(self._waiting)
-                    if future.done():
-                        continue  # cancelled meanwhile: its slot goes to the next waiter
-                    self._under_way += 1
-                    future.set_result(self._finisher(upstream_done))
-                    self.granted_total += 1
-                    count -= 1
-                # Slots taken upstream for waiters that left are spent: count them.
-                for _ in range(count):
-                    self._granted.append(self._clock())
-                    upstream_done()
+                await self._grant(count)
         except asyncio.CancelledError:
             self._fail_waiters(None)
             raise
         except Exception as error:  # e.g. the shared limit is missing
             self._fail_waiters(error)
+
+    def _due_check(self) -> asyncio.Future[Done] | None:
+        """The longest-waiting status check, if one waits (checks are never paced)."""
+        checks = [
+            (order, future)
+            for priority, order, future in self._waiting
+            if priority == Priority.CHECK and not future.done()
+        ]
+        return min(checks, key=lambda entry: entry[0])[1] if checks else None
+
+    async def _grant(self, what: int | list[asyncio.Future[Done]]) -> None:
+        """Take slots upstream in one go and grant them: to the ``what`` first waiters, or
+        to these waiters."""
+        count = what if isinstance(what, int) else len(what)
+        upstream_done = _nothing
+        if self.upstream is not None:
+            upstream_done = await self.upstream.acquire(count)
+        chosen = iter(what) if isinstance(what, list) else None
+        while count:
+            if chosen is not None:
+                future = next(chosen, None)
+                if future is None:
+                    break
+            elif self._waiting:
+                _, _, future = heapq.heappop(self._waiting)
+            else:
+                break
+            if future.done():
+                continue  # cancelled meanwhile: its slot goes to the next waiter
+            self._under_way += 1
+            future.set_result(self._finisher(upstream_done))
+            self.granted_total += 1
+            count -= 1
+        # Slots taken upstream for waiters that left are spent: count them.
+        for _ in range(count):
+            self._granted.append(self._clock())
+            upstream_done()
 
     def _fail_waiters(self, error: Exception | None) -> None:
         """Whoever is waiting learns why, instead of waiting forever."""

@@ -63,7 +63,7 @@ async def test_a_batch_expected_to_bind_is_paced_from_its_start() -> None:
     granted: list[float] = []
 
     async def request() -> None:
-        await limiter.acquire()
+        await limiter.acquire(Priority.PROMPT)  # new work: paced (a check would not be)
         granted.append(time.now)
 
     limiter.pace()
@@ -81,7 +81,7 @@ async def test_once_the_window_was_full_grants_are_spread_over_it() -> None:
     limiter = RequestLimiter(10, 100.0, margin=0.0, clock=time.clock, sleep=time.sleep)
     granted: list[float] = []
     for _ in range(20):
-        await asyncio.wait_for(limiter.acquire(), timeout=5)
+        await asyncio.wait_for(limiter.acquire(Priority.SUBMIT), timeout=5)
         granted.append(time.now)
     assert granted[:10] == [0.0] * 10  # not binding yet: at once
     gaps = [b - a for a, b in itertools.pairwise(granted[10:])]
@@ -98,6 +98,35 @@ async def test_requests_within_the_budget_are_not_paced() -> None:
     for _ in range(4):
         await asyncio.wait_for(limiter.acquire(), timeout=5)
     assert time.now == 0.0
+
+
+async def test_while_paced_a_due_check_goes_at_once_and_new_work_keeps_the_pace() -> None:
+    """A check is due on a video most likely done: waiting for the pace behind prompts
+    and submits only delays seeing it (detection p50 225 s against a plan's ~180).
+    It goes as soon as the window has room, and the new work after it waits the
+    longer, so the budget's rate and window hold."""
+    time = FakeTime()
+    limiter = RequestLimiter(10, 100.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    granted: list[tuple[str, float]] = []
+    checks: list[asyncio.Task[None]] = []
+
+    async def request(name: str, priority: Priority) -> None:
+        await limiter.acquire(priority)
+        granted.append((name, time.now))
+        if len(granted) == 4:  # the dispatcher now waits for the pace: a check comes
+            checks.append(asyncio.create_task(request("check", Priority.CHECK)))
+
+    limiter.pace()
+    work = [asyncio.create_task(request(f"prompt-{i}", Priority.PROMPT)) for i in range(8)]
+    await asyncio.wait_for(asyncio.gather(*work), timeout=5)
+    await asyncio.wait_for(asyncio.gather(*checks), timeout=5)
+    when = dict(granted)
+    prompts = [t for name, t in granted if name != "check"]
+    assert prompts[:4] == pytest.approx([0.0, 10.0, 20.0, 30.0])
+    assert 30.0 <= when["check"] < 40.0  # before the next pace, not behind the prompts
+    # The pace's credit the check took is repaid by the new work after it.
+    assert prompts[4] == pytest.approx(50.0)
+    assert _at_most_the_limit_in_any_window(sorted(t for _, t in granted), 10, 100.0)
 
 
 async def test_submits_then_checks_then_prompts_when_the_budget_is_spent() -> None:

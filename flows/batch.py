@@ -347,6 +347,7 @@ async def _make_items(
     if share.times_group:  # a part: it learns what every part of its batch has seen
         part = hashlib.sha256("|".join(share.keys).encode()).hexdigest()[:16]
         times = SharedTimes(share.times_group, part)
+    limiter = shared_limiter(settings)
     planner = BudgetPlanner(
         schedule,
         requests_per_window=settings.rate_limit,
@@ -355,10 +356,10 @@ async def _make_items(
         requests_per_item=1 + round(topics / len(items)),
         times=times,
         api_second=settings.time_scale,
+        in_window=limiter.in_window,
     )
     planner.queued = len(items)
     slots = asyncio.Semaphore(share.max_in_flight)
-    limiter = shared_limiter(settings)
     granted_before = limiter.granted_total
     progress = BatchProgress(len(items), schedule.expected_generation)
 

@@ -9,7 +9,8 @@ The strategy, decided again before every check:
 
 * **Budget not binding**: the checks the 120 s / 20 s schedule would make
   for the videos in flight, plus those the batch's next videos would need,
-  fit in one window's budget. Then every video gets that familiar rhythm:
+  fit in what the window's budget has left (the requests of the last window,
+  ``in_window``, still count). Then every video gets that familiar rhythm:
   nothing is gained by waiting longer.
 * **Budget binding**: a check that finds a video still running is a request
   another video needed. Each video is checked once, when the generation
@@ -22,14 +23,14 @@ Starts are paced so that each planned check finds a slot when it is due. The
 limiter (``nanophoto/ratelimit.py``) grants a waiting submit first, then a
 due check, and a prompt, which starts a new item, only with a slot neither
 needs; while the budget binds (a batch's requests waiting at once, or the
-window full) it spreads its grants evenly over the window, so no hour starts
-with a burst that leaves the rest of it without a slot. So new videos start
+window full) it spreads new work evenly over the window, so no hour starts
+with a burst that leaves the rest of it without a slot, and a due check
+goes as soon as the window has room, not a pace later. So new videos start
 at the rate the key's budget leaves after the videos already paid for are
 seen (about one every 3.1 requests' worth of time, 36 s per request at 100
-an hour), a check waits a pace or two rather than behind every item the
-batch could start, and the budget never idles while items wait: throughput
-stays at the limit. Submits first: a prompt already paid for should start
-its generation at once.
+an hour), a check is seen to within seconds of its plan, and the budget
+never idles while items wait: throughput stays at the limit. Submits first:
+a prompt already paid for should start its generation at once.
 
 Observed times are the API's own ``generationTime``, not when we happened to
 notice completion (that would feed our own waiting back into the estimate).
@@ -142,6 +143,7 @@ class BudgetPlanner:
         quantile: float = BINDING_QUANTILE,
         api_second: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        in_window: Callable[[], int] | None = None,
     ) -> None:
         self.schedule = schedule
         self.requests_per_window = requests_per_window
@@ -153,6 +155,10 @@ class BudgetPlanner:
         self.api_second = api_second
         self.queued = 0  # items not yet submitted; the batch keeps it current
         self._clock = clock
+        # Requests this process made in the last window (the limiter's count): they
+        # still take the budget's slots. Without it, the last videos of a batch would
+        # be watched eagerly into a window already spent.
+        self._in_window = in_window
         self._videos: dict[str, _Video] = {}
         self.binding_decisions = 0
         self.eager_decisions = 0
@@ -180,7 +186,7 @@ class BudgetPlanner:
         return max(0.0, (min(done, self.schedule.max_wait) - first) / self.schedule.interval) + 1
 
     def is_binding(self) -> bool:
-        """Whether the eager schedule would need more than one window's budget."""
+        """Whether the eager schedule would need more than the window's budget has left."""
         now = self._clock()
         demand = sum(self.eager_checks(v, now - v.submitted_at) for v in self._videos.values())
         if self.queued:
@@ -190,7 +196,8 @@ class BudgetPlanner:
             cycle += self.schedule.interval / 2
             starts = self.max_in_flight * self.window / max(cycle, 1e-9)
             demand += min(self.queued, math.ceil(starts)) * per_item
-        return demand > self.requests_per_window
+        spent = self._in_window() if self._in_window is not None else 0
+        return demand + spent > self.requests_per_window
 
     def check_time(self, task_id: str, index: int, elapsed: float) -> float:
         """When (seconds after submit) to make check ``index`` of ``task_id``, now ``elapsed``."""

@@ -117,3 +117,16 @@ def test_learning_uses_the_apis_generation_time() -> None:
             assert times.quantile("sora2", 10, 1.0) == 480.0
     assert times.quantile("sora2", 10, 1.0) == 150.0
     assert times.quantile("sora2", 10, 0.5, above=150.0) is None
+
+
+def test_the_windows_spent_requests_count_against_the_eager_schedule() -> None:
+    """The last videos of a batch: their eager checks alone fit an hour's budget, but the
+    window is spent. Watched eagerly they would take every slot as it came free (checks
+    are never paced); counted with the window's requests, each is checked once."""
+    clock = Clock()
+    spent = 0
+    plan = planner(clock, in_flight=3, in_window=lambda: spent)
+    assert not plan.is_binding()  # about 3 x 10 eager checks: within 100
+    spent = 90
+    assert plan.is_binding()
+    assert plan.check_time("t0", 0, 0.0) > 120.0  # one check where it is almost surely done

@@ -230,8 +230,13 @@ class RequestLimiter:
                 paced = self._pace(now)
                 if paced < 1:  # still binding: new work waits for the pace
                     self._binding_at = now
-                    check = self._due_check()
-                    if check is not None:  # a video's check: now, on the pace's credit
+                    # A video's check: now, on the pace's credit, within one burst of it,
+                    # unless a submit waits (it goes first, at the pace: a stream of
+                    # checks must never keep a paid prompt's submit waiting).
+                    check = None
+                    if self._waiting[0][0] != Priority.SUBMIT:
+                        check = self._due_check()
+                    if check is not None and self._tokens - 1 >= -self._burst:
                         self._tokens -= 1
                         await self._grant([check])
                         continue

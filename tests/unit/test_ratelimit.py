@@ -129,6 +129,27 @@ async def test_while_paced_a_due_check_goes_at_once_and_new_work_keeps_the_pace(
     assert _at_most_the_limit_in_any_window(sorted(t for _, t in granted), 10, 100.0)
 
 
+async def test_while_paced_checks_never_keep_a_submit_waiting() -> None:
+    """Checks go ahead of the pace only within one burst of credit, and never while a
+    submit waits: a stream of checks cannot hold back a paid prompt's submit."""
+    time = FakeTime()
+    limiter = RequestLimiter(10, 100.0, margin=0.0, clock=time.clock, sleep=time.sleep)
+    granted: list[tuple[str, float]] = []
+
+    async def request(name: str, priority: Priority) -> None:
+        await limiter.acquire(priority)
+        granted.append((name, time.now))
+
+    limiter.pace()
+    await limiter.acquire(Priority.PROMPT)  # the pace's token, spent at 0
+    waiting = [asyncio.create_task(request(f"check-{i}", Priority.CHECK)) for i in range(4)]
+    waiting.append(asyncio.create_task(request("submit", Priority.SUBMIT)))
+    await asyncio.wait_for(asyncio.gather(*waiting), timeout=5)
+    order = [name for name, _ in granted]
+    assert order.index("submit") <= 1, granted  # at most one check on credit before it
+    assert _at_most_the_limit_in_any_window([0.0] + [t for _, t in granted], 10, 100.0)
+
+
 async def test_submits_then_checks_then_prompts_when_the_budget_is_spent() -> None:
     time = FakeTime()
     limiter = RequestLimiter(1, 10.0, margin=0.0, clock=time.clock, sleep=time.sleep)

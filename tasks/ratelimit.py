@@ -45,6 +45,7 @@ from prefect.settings import (
     PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
     PREFECT_API_URL,
 )
+from prefect.utilities.asyncutils import add_event_loop_shutdown_callback
 
 from nanophoto.errors import ConfigurationError, NanoPhotoError
 from nanophoto.ratelimit import WINDOW_MARGIN, Done, RequestLimiter
@@ -168,6 +169,8 @@ class PrefectRequestBudget:
         self._client_users = 0
         self._client_opening = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
+        self._retired: list[contextlib.AsyncExitStack] = []  # clients of an older API URL
+        self._closes_with_loop = False
         # One budget call at a time from this process: concurrent writes to a
         # SQLite-backed server collide, and the client then backs off for seconds.
         self._calls = asyncio.Lock()
@@ -408,10 +411,14 @@ class PrefectRequestBudget:
         """
         url = PREFECT_API_URL.value()
         async with self._client_opening:
+            if not self._closes_with_loop:  # pending releases die with the loop: not it
+                await add_event_loop_shutdown_callback(self._close_all)
+                self._closes_with_loop = True
             if self._client is None or self._client_url != url:
                 if self._client_users == 0:
                     await self._close_client()
-                # (else the old one is someone's for their call: the collector closes it)
+                elif self._client_stack is not None:  # in use: closed once nothing is
+                    self._retired.append(self._client_stack)
                 stack = contextlib.AsyncExitStack()
                 client = await stack.enter_async_context(budget_client())
                 self._client, self._client_url, self._client_stack = client, url, stack
@@ -424,7 +431,9 @@ class PrefectRequestBudget:
 
     def _close_client_if_idle(self) -> None:
         """Close the client when nothing is due: no call, no pending renewal or release."""
-        if self._client is not None and not self._client_users and not self._releases:
+        if self._client_users:
+            return
+        if self._retired or (self._client is not None and not self._releases):
             self._spawn_closing()
 
     def _spawn_closing(self) -> None:
@@ -434,8 +443,21 @@ class PrefectRequestBudget:
 
     async def _close_when_idle(self) -> None:
         async with self._client_opening:  # a call that came meanwhile keeps it open
-            if not self._client_users and not self._releases:
-                await self._close_client()
+            if not self._client_users:
+                await self._close_retired()
+                if not self._releases:
+                    await self._close_client()
+
+    async def _close_all(self) -> None:
+        """The loop is ending: whatever is still open goes now."""
+        await self._close_retired()
+        await self._close_client()
+
+    async def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for stack in retired:
+            with contextlib.suppress(Exception):
+                await stack.aclose()
 
     async def _close_client(self) -> None:
         stack, self._client, self._client_stack = self._client_stack, None, None

@@ -214,3 +214,27 @@ async def test_the_budgets_calls_share_one_client_while_any_is_due(
     async with get_client() as client:
         limit = await client.read_global_concurrency_limit_by_name(small_limit)
     assert limit.active_slots == 0  # every release went through
+
+
+def test_the_budgets_client_is_closed_with_its_event_loop() -> None:
+    """A release pending for a window keeps the client open; when the loop ends first
+    (a flow-run process exits, a test ends), the client still closes with it."""
+    name = f"budget-test-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> PrefectRequestBudget:
+        async with get_client() as client:
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=2, active=True)
+            )
+        budget = PrefectRequestBudget(name, window=60.0)
+        await asyncio.wait_for(sent_at_once(budget, 1), timeout=60)
+        assert budget._client is not None  # its release is a window away
+        return budget
+
+    async def remove() -> None:
+        async with get_client() as client:
+            await client.delete_global_concurrency_limit_by_name(name)
+
+    budget = asyncio.run(scenario())
+    asyncio.run(remove())
+    assert budget._client is None

@@ -58,7 +58,9 @@ BEFORE_SUBMIT |= {"API_KEY_RATE_LIMIT_EXCEEDED", "CONNECT_ERROR"}
 EXPECTED_FAILURES = {"GENERATION_FAILED", "SUBMIT_OUTCOME_UNKNOWN", *BEFORE_SUBMIT}
 
 
-@pytest.mark.timeout(600)
+# The harness's SQLite server stalls for up to 60 s at a time under these writes (README,
+# "Tests"): on a loaded machine the soak has met 3 to 6 of them. Bounded all the same.
+@pytest.mark.timeout(900)
 @pytest.mark.usefixtures("patient_prefect_client")
 async def test_forty_five_videos_under_faults_are_paid_once_and_accounted_for(
     make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

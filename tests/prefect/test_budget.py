@@ -11,11 +11,13 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 from prefect import get_client
+from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -238,3 +240,38 @@ def test_the_budgets_client_is_closed_with_its_event_loop() -> None:
     budget = asyncio.run(scenario())
     asyncio.run(remove())
     assert budget._client is None
+
+
+async def test_a_slot_whose_window_passed_serves_our_next_request_with_one_renewal(
+    small_limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release and a new lease are two database writes on the server; handing the aged
+    lease to the next request is one renewal. The slot count never goes above the
+    requests of the last window, and an unused spare is still released."""
+    calls: list[str] = []
+    for method in (
+        "increment_concurrency_slots_with_lease",
+        "release_concurrency_slots_with_lease",
+        "renew_concurrency_lease",
+    ):
+        real = getattr(PrefectClient, method)
+
+        def counted(*args: object, _real: Any = real, _name: str = method, **kw: object) -> Any:
+            calls.append(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(PrefectClient, method, counted)
+    window = 2.0  # limit 2: a pace of 1 s, a spare kept 1.5 s
+    budget = PrefectRequestBudget(small_limit, window=window)
+    await sent_at_once(budget, 1)
+    await asyncio.sleep(window + 0.5)  # its window has passed: a spare now
+    await sent_at_once(budget, 1)
+    assert calls == ["increment_concurrency_slots_with_lease", "renew_concurrency_lease"]
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(small_limit)
+    assert limit.active_slots == 1  # the one slot, handed over
+    await asyncio.wait(set(budget._releases), timeout=30)
+    assert calls[-1] == "release_concurrency_slots_with_lease"
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(small_limit)
+    assert limit.active_slots == 0

@@ -61,6 +61,12 @@ COUNTED = {
         "PrefectClient",
         "release_concurrency_slots_with_lease",
     ),
+    "lease renewals (a spare lease reused, or a request still under way)": (
+        "prefect.client.orchestration",
+        "PrefectClient",
+        "renew_concurrency_lease",
+    ),
+    "progress bar updates": ("tasks.observe", None, "aupdate_progress_artifact"),
     "record reads": ("tasks.submissions", "SubmissionStore", "read"),
     "record writes": ("tasks.submissions", "SubmissionStore", "write"),
     "planner check times": ("nanophoto.planner", "BudgetPlanner", "check_time"),

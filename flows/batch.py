@@ -383,11 +383,12 @@ async def _make_items(
                     own_run=share.own_run,
                 ),
             )
-        progress.finished(share.indices[position], outcome.status)
-        await progress.show()
+        progress.finished(share.indices[position], outcome.status)  # shown at the next tick
         return outcome
 
     async def keep_progress_moving() -> None:
+        # One update per tick, however many items finished in it: each update is a
+        # write and an event on the server, and a batch's items finish in bursts.
         while True:
             await progress.show()
             await asyncio.sleep(progress.tick_seconds)
@@ -404,6 +405,7 @@ async def _make_items(
     finally:
         ticker.cancel()
         sharer.cancel()
+    await progress.show()  # the batch's end, at once
     if times is not None:
         await _share(times)  # the last ones, for the parts of a later round
     return list(outcomes), limiter.granted_total - granted_before

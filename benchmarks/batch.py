@@ -117,10 +117,14 @@ async def _at_start(idle_s: float = IDLE_S) -> dict[str, float]:
     before = tree_usage()["cpu_seconds"]
     if idle_s > 0:
         await asyncio.sleep(idle_s)
-    after = tree_usage()["cpu_seconds"]
+    after = tree_usage()
     return {
-        "cpu_at_start": after,
-        "idle_cpu_per_s": round((after - before) / idle_s, 4) if idle_s else 0.0,
+        "cpu_at_start": after["cpu_seconds"],
+        "cpu_at_start_flow_process": after["cpu_seconds_flow_process"],
+        "idle_cpu_per_s": round((after["cpu_seconds"] - before) / idle_s, 4) if idle_s else 0.0,
+        # What the processes hold before any work: imports, the server's start.
+        "mib_at_start_flow_process": after["peak_mib_flow_process"],
+        "mib_at_start_server": round(after["peak_mib"] - after["peak_mib_flow_process"], 1),
     }
 
 
@@ -361,6 +365,9 @@ def _side(ledger: dict[str, Any], result: dict[str, Any], hours: float) -> dict[
         **_cpu_per_video(result, videos),
         "peak_mib": result["peak_mib"],
         "peak_mib_flow_process": result["peak_mib_flow_process"],
+        "peak_mib_server": round(result["peak_mib"] - result["peak_mib_flow_process"], 1),
+        "mib_at_start_flow_process": result.get("mib_at_start_flow_process"),
+        "mib_at_start_server": result.get("mib_at_start_server"),
     }
 
 
@@ -388,9 +395,14 @@ def _cpu_per_video(result: dict[str, Any], videos: int) -> dict[str, float | Non
         return dict.fromkeys(("cpu_s_per_video_all", "cpu_s_per_video", "cpu_s_per_video_work"))
     during = result["cpu_seconds"] - result["cpu_at_start"]
     idle = result["idle_cpu_per_s"] * result["elapsed"]
+    flow = result["cpu_seconds_flow_process"] - result.get(
+        "cpu_at_start_flow_process", result["cpu_at_start"]
+    )
     return {
         "cpu_s_per_video_all": round(result["cpu_seconds"] / videos, 3),
         "cpu_s_per_video": round(during / videos, 3),
+        "cpu_s_per_video_flow_process": round(flow / videos, 3),
+        "cpu_s_per_video_server": round((during - flow) / videos, 3),
         "cpu_s_per_video_work": round(max(0.0, during - idle) / videos, 3),
         "idle_cpu_per_s": result["idle_cpu_per_s"],
     }
@@ -488,9 +500,14 @@ ROWS: tuple[tuple[str, str, str | None], ...] = (
     ("  the check's lag behind its plan, p95", "check_lag_p95", None),
     ("CPU s per video, with the start", "cpu_s_per_video_all", None),
     ("orchestration CPU s per video", "cpu_s_per_video", "<= 0.15"),
+    ("  of it the flow's own process", "cpu_s_per_video_flow_process", None),
+    ("  of it the embedded Prefect server", "cpu_s_per_video_server", None),
     ("  of it above an idle server", "cpu_s_per_video_work", None),
     ("peak memory, MiB", "peak_mib", "<= 200"),
     ("  of it the flow's own process", "peak_mib_flow_process", None),
+    ("    of it before the batch (imports)", "mib_at_start_flow_process", None),
+    ("  of it the embedded Prefect server", "peak_mib_server", None),
+    ("    of it before the batch (its start)", "mib_at_start_server", None),
 )
 
 

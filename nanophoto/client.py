@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import httpx
+from httpx._utils import get_environment_proxies  # what httpx itself reads
 from pydantic import SecretStr, ValidationError
 
 from nanophoto.contract import (
@@ -83,6 +84,37 @@ def _tls_context() -> ssl.SSLContext:
 
 
 _TLS_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+
+# What urllib's getproxies() reads for the proxies httpx uses (http, https, all, no).
+_PROXY_VARIABLES = (
+    *(f"{scheme}_proxy" for scheme in ("http", "https", "all", "no")),
+    *(f"{scheme}_PROXY" for scheme in ("HTTP", "HTTPS", "ALL", "NO")),
+    "REQUEST_METHOD",
+)
+
+
+def _connections(transport: httpx.AsyncBaseTransport | None) -> dict[str, Any]:
+    """The transport options of a client: ``transport``, or the environment's proxies
+    (``HTTPS_PROXY``, ``NO_PROXY``, ...) as httpx would honour them, read once per setting.
+
+    httpx finds them for each client by decoding every variable of the process
+    (urllib's ``getproxies``), a few percent of a batch's CPU: a batch opens
+    clients for each call.
+    """
+    if transport is not None:
+        return {"transport": transport}
+    where = tuple(os.environ.get(name) for name in _PROXY_VARIABLES)
+    proxies = _PROXIES.get(where)
+    if proxies is None:
+        proxies = _PROXIES[where] = get_environment_proxies()
+    mounts: dict[str, httpx.AsyncBaseTransport | None] = {
+        pattern: None if url is None else httpx.AsyncHTTPTransport(verify=_tls_context(), proxy=url)
+        for pattern, url in proxies.items()
+    }
+    return {"trust_env": False, "mounts": mounts}
+
+
+_PROXIES: dict[tuple[str | None, ...], dict[str, str | None]] = {}
 
 
 class _BearerAuth(httpx.Auth):
@@ -155,8 +187,8 @@ class NanoPhotoClient:
         self._http = httpx.AsyncClient(
             base_url=base_url,
             auth=_BearerAuth(key, base_url),
-            transport=transport,
             verify=_tls_context(),
+            **_connections(transport),
             timeout=timeout,
             # As NanoPhoto's published tools send them: its edge may refuse other clients.
             headers={
@@ -168,8 +200,8 @@ class NanoPhotoClient:
         )
         # Videos live on another host: no key there, and redirects are followed.
         self._media = httpx.AsyncClient(
-            transport=transport,
             verify=_tls_context(),
+            **_connections(transport),
             timeout=timeout,
             follow_redirects=True,
             headers={"User-Agent": self.settings.user_agent},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nanophoto.client import NanoPhotoClient
@@ -120,3 +121,53 @@ async def test_errors_no_retry_can_fix_fail_at_once(make_simulator: MakeSimulato
         with pytest.raises(AuthenticationError):
             await client.check_status("task_unknown")
     assert sim.snapshot()["total_requests"] == 3
+
+
+async def test_the_environments_proxy_is_used_as_httpx_would_and_no_proxy_bypasses_it(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proxies are read once per setting, not by httpx for each client: ``HTTP_PROXY``
+    still carries the calls, a changed ``NO_PROXY`` is seen by the next client."""
+    seen: list[str] = []
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        method, target, _ = head[0].split(" ")
+        seen.append(f"{method} {target}")
+        headers = dict(line.split(": ", 1) for line in head[1:] if line)
+        body = await reader.readexactly(
+            int(headers.get("Content-Length", headers.get("content-length", "0")))
+        )
+        drop = {"host", "content-length", "proxy-connection", "connection"}
+        async with httpx.AsyncClient(trust_env=False) as upstream:
+            answer = await upstream.request(
+                method,
+                target,
+                content=body,
+                headers={k: v for k, v in headers.items() if k.lower() not in drop},
+            )
+        writer.write(
+            f"HTTP/1.1 {answer.status_code} OK\r\nContent-Type: "
+            f"{answer.headers.get('content-type', 'application/json')}\r\n"
+            f"Content-Length: {len(answer.content)}\r\nConnection: close\r\n\r\n".encode()
+            + answer.content
+        )
+        await writer.drain()
+        writer.close()
+
+    proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        async with NanoPhotoClient(settings=settings_for(simulator)) as client:
+            submitted = await client.submit(VideoOptions().with_prompt("a fox"))
+        assert seen == [f"POST {simulator.base_url}/api/sora-2/generate"]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        async with NanoPhotoClient(settings=settings_for(simulator)) as client:
+            await client.check_status(submitted.task_id)
+        assert len(seen) == 1  # straight to the API
+    finally:
+        proxy.close()
+        await proxy.wait_closed()

@@ -44,13 +44,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.installed ## Benchmarks: print figures (see BENCHMARKS.md); about 30 minutes.
-	$(PY) -m benchmarks.cli_status
-	$(PY) -m benchmarks.batch $(ARGS)
-	# Where the orchestration CPU of a video goes: task runs, events, logs, leases, records.
-	$(PY) -m benchmarks.profile
-	# 10/20/40 runs at once: the embedded SQLite server against `make cluster-up`'s topology.
-	$(PY) -m benchmarks.topology
+bench: $(VENV)/.installed ## Every benchmark, its figures written into BENCHMARKS.md; about 30 minutes.
+	$(PY) -m benchmarks.report --batch-args "$(ARGS)"
 
 sim: $(VENV)/.installed ## The simulator on port 8765, 100x faster than real time.
 	$(PY) -m nanophoto_simulator --port 8765 --time-scale 0.01

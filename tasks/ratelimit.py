@@ -7,7 +7,8 @@ while the request is under way, release when the window has passed, and
 that the Prefect server revokes itself if our process died first, never
 sooner than a window after the process's last request). A lease whose window
 has passed is first kept a pace and a half for our next request, which
-renews it instead of a release and a new lease. So the slots in use
+renews it instead of a release and a new lease (4 requests in a row at most,
+so another process gets its chance at the slot). So the slots in use
 are the requests under way or made in the last hour, by every process that
 shares the key, and a request only goes out when one is free.
 
@@ -56,6 +57,9 @@ from nanophoto.settings import NanoPhotoSettings, current_settings
 RATE_LIMIT_NAME: Final = "nanophoto-api"
 _MIN_LEASE_S: Final = 60.0  # the Prefect server refuses shorter leases
 RENEW_EVERY_S: Final = 10.0  # a lease whose requests are under way is renewed this often
+# A lease serves at most this many requests in a row (``_reuse``), then is released: another
+# process waiting for the key's slots gets its chance at a release, as without reuse.
+SERVES_AT_MOST: Final = 4
 _API_RETRIES: Final = 6
 # A write the SQLite server could not lock is answered 503 at once and can be sent again
 # at once; Prefect's client would sleep 2 s first (200 simulated s at a time scale of
@@ -168,6 +172,7 @@ class PrefectRequestBudget:
         # lease -> its slots. Every lease's slot count is in ``_slots`` until released.
         self._spare: dict[UUID, int] = {}
         self._slots: dict[UUID, int] = {}
+        self._served: dict[UUID, int] = {}  # lease -> the requests it served in a row
         # One Prefect client for every call while any is due (``_client``).
         self._client: PrefectClient | None = None
         self._client_url: str | None = None
@@ -303,7 +308,7 @@ class PrefectRequestBudget:
                 self._limit = None
                 raise self._missing()
             taken.append((lease_id, time.monotonic()))
-            self._slots[lease_id] = take
+            self._slots[lease_id], self._served[lease_id] = take, 1
             count -= take
 
     async def _reuse(
@@ -330,9 +335,10 @@ class PrefectRequestBudget:
                     await client.renew_concurrency_lease(lease_id, self._lease_duration)
             except (httpx.TransportError, httpx.HTTPStatusError) as error:
                 # Gone (410: revoked, or a restarted server): its slots are free already.
-                self._slots.pop(lease_id, None)
+                self._forget(lease_id)
                 _logger.debug("could not reuse lease %s: %s", lease_id, error)
                 continue
+            self._served[lease_id] = self._served.get(lease_id, 0) + 1
             taken.append((lease_id, time.monotonic()))
             served += slots
         return served
@@ -411,12 +417,17 @@ class PrefectRequestBudget:
     async def _release_now(self, lease_ids: list[UUID]) -> None:
         """Release these leases at once; one that cannot be expires on its own."""
         for lease_id in lease_ids:
-            self._slots.pop(lease_id, None)
+            self._forget(lease_id)
             try:
                 async with self._calls, self._prefect() as client:
                     await client.release_concurrency_slots_with_lease(lease_id)
             except Exception as error:
                 _logger.debug("could not release lease %s: %s", lease_id, error)
+
+    def _forget(self, lease_id: UUID) -> None:
+        """The lease is released, or gone: it is no longer ours to reuse."""
+        self._slots.pop(lease_id, None)
+        self._served.pop(lease_id, None)
 
     def _release_later(self, lease_ids: list[UUID], *, after: float) -> None:
         """Release these leases ``after`` seconds from now (one timer for all), unless a
@@ -426,14 +437,16 @@ class PrefectRequestBudget:
 
         async def release() -> None:
             await asyncio.sleep(after)
-            for lease_id in lease_ids:
-                if lease_id in self._slots:
-                    self._spare[lease_id] = self._slots[lease_id]
-            await asyncio.sleep(self._spare_for)
-            for lease_id in lease_ids:
-                if self._spare.pop(lease_id, None) is None:
+            ours = [lease for lease in lease_ids if lease in self._slots]
+            spared = [lease for lease in ours if self._served[lease] < SERVES_AT_MOST]
+            for lease_id in spared:
+                self._spare[lease_id] = self._slots[lease_id]
+            if spared:
+                await asyncio.sleep(self._spare_for)
+            for lease_id in ours:
+                if lease_id in spared and self._spare.pop(lease_id, None) is None:
                     continue  # reused: its new request's release is timed anew
-                self._slots.pop(lease_id, None)
+                self._forget(lease_id)
                 try:
                     async with self._calls, self._prefect() as client:
                         await client.release_concurrency_slots_with_lease(lease_id)

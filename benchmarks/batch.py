@@ -172,6 +172,7 @@ async def _run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from nanophoto.watch import WatchSchedule
     from tasks.ratelimit import create_rate_limit
 
+    imported_mib = tree_usage()["peak_mib_flow_process"]  # the flows, Prefect's client, httpx
     await create_rate_limit(RATE_LIMIT_PER_HOUR, reset=True)  # also starts the embedded server
     start = await _at_start()
     planned = _record_planned_checks(args.time_scale)
@@ -200,6 +201,7 @@ async def _run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "elapsed": time.monotonic() - started,
         "held": held,
         "planned_checks": planned,
+        "mib_flow_imports": imported_mib,
         **start,
     }
 
@@ -368,6 +370,7 @@ def _side(ledger: dict[str, Any], result: dict[str, Any], hours: float) -> dict[
         "peak_mib_server": round(result["peak_mib"] - result["peak_mib_flow_process"], 1),
         "mib_at_start_flow_process": result.get("mib_at_start_flow_process"),
         "mib_at_start_server": result.get("mib_at_start_server"),
+        "mib_flow_imports": result.get("mib_flow_imports"),
     }
 
 
@@ -506,6 +509,7 @@ ROWS: tuple[tuple[str, str, str | None], ...] = (
     ("peak memory, MiB", "peak_mib", "<= 200"),
     ("  of it the flow's own process", "peak_mib_flow_process", None),
     ("    of it before the batch (imports)", "mib_at_start_flow_process", None),
+    ("      of which the flows, Prefect's client", "mib_flow_imports", None),
     ("  of it the embedded Prefect server", "peak_mib_server", None),
     ("    of it before the batch (its start)", "mib_at_start_server", None),
 )
@@ -541,6 +545,16 @@ def _table(rate: dict[str, Any], hours: float) -> str:
             f"(ours: an idle Prefect server and flow process spend {idle:g} CPU s per real "
             "second; at this time scale an hour lasts "
             f"{RATE_WINDOW_S * rate['time_scale']:g} s)"
+        )
+    ours = rate["ours"]
+    if ours.get("mib_flow_imports") and ours.get("mib_at_start_flow_process"):
+        server_code = ours["mib_at_start_flow_process"] - ours["mib_flow_imports"]
+        added = ours["peak_mib"] - ours["mib_at_start_flow_process"] - ours["mib_at_start_server"]
+        lines.append(
+            f"(ours: {server_code:.0f} MiB of the flow process's start is Prefect's server code, "
+            "which its embedded mode imports into the flow's process to start the server; "
+            f"the batch itself added {added:.0f} MiB "
+            "to the two processes)"
         )
     return "\n".join(lines)
 

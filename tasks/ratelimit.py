@@ -134,18 +134,34 @@ def _prefect_tls_context() -> ssl.SSLContext:
 _TLS_CONTEXTS: dict[tuple[bool, str], ssl.SSLContext] = {}
 
 
-@contextlib.asynccontextmanager
-async def budget_client() -> AsyncIterator[PrefectClient]:
+class BudgetClient(contextlib.AbstractAsyncContextManager[PrefectClient]):
     """A Prefect client for the budget's calls, whose 503s are retried quickly.
 
     It wraps the transport Prefect built (its TLS, HTTP/2 and connection
     retries kept), so only the pause after a locked database changes; its TLS
-    context is the process's one (``_prefect_tls_context``).
+    context is the process's one (``_prefect_tls_context``). A class, not an
+    async generator: it stays open while calls are due and is closed by the
+    event loop's shutdown callback, and asyncio would close a generator left
+    open then itself, at the same time ("aclose(): asynchronous generator is
+    already running", logged as an error at the end of a flow run).
     """
-    async with get_client(httpx_settings={"verify": _prefect_tls_context()}) as client:
+
+    def __init__(self) -> None:
+        self._client = get_client(httpx_settings={"verify": _prefect_tls_context()})
+
+    async def __aenter__(self) -> PrefectClient:
+        client = await self._client.__aenter__()
         http = client._client
         http._transport = RetryLockedTransport(http._transport)
-        yield client
+        return client
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._client.__aexit__(*exc_info)
+
+
+def budget_client() -> BudgetClient:
+    """A Prefect client for the budget's calls (``BudgetClient``)."""
+    return BudgetClient()
 
 
 class PrefectRequestBudget:
@@ -330,16 +346,19 @@ class PrefectRequestBudget:
             if lease_id is None:
                 break
             slots = self._spare.pop(lease_id)
+            taken.append((lease_id, time.monotonic()))  # cancelled meanwhile: released with them
             try:
                 async with self._calls:
                     await client.renew_concurrency_lease(lease_id, self._lease_duration)
             except (httpx.TransportError, httpx.HTTPStatusError) as error:
-                # Gone (410: revoked, or a restarted server): its slots are free already.
-                self._forget(lease_id)
+                taken.pop()
                 _logger.debug("could not reuse lease %s: %s", lease_id, error)
+                if isinstance(error, httpx.HTTPStatusError) and error.response.status_code == 410:
+                    self._forget(lease_id)  # gone (revoked, a restarted server): slots free
+                else:  # it may still hold its slots: free them, and take new ones
+                    self._spawn(self._release_now([lease_id]), f"release-{lease_id}")
                 continue
             self._served[lease_id] = self._served.get(lease_id, 0) + 1
-            taken.append((lease_id, time.monotonic()))
             served += slots
         return served
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import sys
 import time
@@ -218,9 +219,12 @@ async def test_the_budgets_calls_share_one_client_while_any_is_due(
     assert limit.active_slots == 0  # every release went through
 
 
-def test_the_budgets_client_is_closed_with_its_event_loop() -> None:
+def test_the_budgets_client_is_closed_with_its_event_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A release pending for a window keeps the client open; when the loop ends first
-    (a flow-run process exits, a test ends), the client still closes with it."""
+    (a flow-run process exits, a test ends), the client still closes with it, and
+    asyncio has nothing left to close (it logged an error at each flow run's end)."""
     name = f"budget-test-{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> PrefectRequestBudget:
@@ -237,9 +241,11 @@ def test_the_budgets_client_is_closed_with_its_event_loop() -> None:
         async with get_client() as client:
             await client.delete_global_concurrency_limit_by_name(name)
 
-    budget = asyncio.run(scenario())
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        budget = asyncio.run(scenario())
     asyncio.run(remove())
     assert budget._client is None
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 async def test_a_slot_whose_window_passed_serves_our_next_requests_by_renewals_a_few_in_a_row(
@@ -277,3 +283,20 @@ async def test_a_slot_whose_window_passed_serves_our_next_requests_by_renewals_a
     async with get_client() as client:
         limit = await client.read_global_concurrency_limit_by_name(small_limit)
     assert limit.active_slots == 0
+
+
+async def test_a_spare_lease_the_server_lost_is_replaced_by_a_new_one(small_limit: str) -> None:
+    """A server that lost its leases (a restart of one that keeps them in memory) answers
+    the renewal 410: the request takes a new lease instead, and still goes."""
+    window = 2.0
+    budget = PrefectRequestBudget(small_limit, window=window)
+    await sent_at_once(budget, 1)
+    await asyncio.sleep(window + 0.6)  # a spare now
+    [lost] = budget._spare
+    async with get_client() as client:
+        await client.release_concurrency_slots_with_lease(lost)  # gone behind its back
+    await asyncio.wait_for(sent_at_once(budget, 1), timeout=60)
+    assert lost not in budget._slots
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(small_limit)
+    assert limit.active_slots == 1  # the new lease's, and no more

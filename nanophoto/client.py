@@ -21,7 +21,11 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import httpx
-from httpx._utils import get_environment_proxies  # what httpx itself reads
+
+try:  # what httpx itself reads from the environment (private: a later httpx may move it)
+    from httpx._utils import get_environment_proxies
+except ImportError:  # pragma: no cover - then httpx reads the environment for each client
+    get_environment_proxies = None  # type: ignore[assignment]
 from pydantic import SecretStr, ValidationError
 
 from nanophoto.contract import (
@@ -103,6 +107,8 @@ def _connections(transport: httpx.AsyncBaseTransport | None) -> dict[str, Any]:
     """
     if transport is not None:
         return {"transport": transport}
+    if get_environment_proxies is None:
+        return {}
     where = tuple(os.environ.get(name) for name in _PROXY_VARIABLES)
     proxies = _PROXIES.get(where)
     if proxies is None:

@@ -179,8 +179,7 @@ class PrefectRequestBudget:
         self.name = name
         self.window = window * (1 + WINDOW_MARGIN)
         self._limit: int | None = None
-        # Full for longer than a lease lives and a little: its slots are orphaned.
-        self.stuck_after = stuck_after or self._lease_duration + self.window * 0.1
+        self._stuck_after = stuck_after
         self.api_retries = api_retries
         self.api_retry_delay = api_retry_delay
         self._releases: set[asyncio.Task[None]] = set()
@@ -246,9 +245,9 @@ class PrefectRequestBudget:
         """Take ``count`` slots, waiting while the last window's requests fill the limit.
 
         A Prefect API that fails for a moment is retried; one that stays down,
-        or a limit full for longer than a window (its slots orphaned, e.g. by a
-        server that lost its leases in a restart), raises a ``NanoPhotoError``
-        naming the cause, so no run waits forever.
+        or a limit full for longer than a holder may keep a slot (``stuck_after``:
+        its slots orphaned, e.g. by a server that lost its leases in a restart),
+        raises a ``NanoPhotoError`` naming the cause, so no run waits forever.
         """
         async with self._prefect() as client:
             failures = 0
@@ -363,6 +362,15 @@ class PrefectRequestBudget:
         return served
 
     @property
+    def stuck_after(self) -> float:
+        """Full for longer than this, the limit's slots are orphaned (a server that lost its
+        leases): longer than one holder may keep a slot, a lease's life for each of the
+        SERVES_AT_MOST requests it serves in a row, and a little."""
+        if self._stuck_after is not None:
+            return self._stuck_after
+        return SERVES_AT_MOST * self._lease_duration + self.window * 0.1
+
+    @property
     def _lease_duration(self) -> float:
         """Renewed every RENEW_EVERY_S while its requests are under way, a lease always
         outlives the window of a request sent now and its time as a spare; the server
@@ -404,8 +412,9 @@ class PrefectRequestBudget:
 
     def _stuck(self) -> RateBudgetMissingError:
         return RateBudgetMissingError(
-            f"the global concurrency limit {self.name!r} has been full for longer than one "
-            "rate window, so its slots are held by requests that ended: a Prefect server "
+            f"the global concurrency limit {self.name!r} has been full for "
+            f"{self.stuck_after:.0f} s, longer than any run holds a slot, so its slots are "
+            "held by requests that ended: a Prefect server "
             "that keeps leases in memory loses them when it restarts. Free them with "
             "`make deploy ARGS=--reset-rate-limit` (when no run is using the key), and "
             "start the server with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="
@@ -462,8 +471,11 @@ class PrefectRequestBudget:
                 self._spare[lease_id] = self._slots[lease_id]
             if spared:
                 await asyncio.sleep(self._spare_for)
+            # Out of reach of ``_reuse`` all at once: the releases below take a while, and a
+            # spare reused past its time could outlive its lease on the server.
+            unused = {lease for lease in spared if self._spare.pop(lease, None) is not None}
             for lease_id in ours:
-                if lease_id in spared and self._spare.pop(lease_id, None) is None:
+                if lease_id in spared and lease_id not in unused:
                     continue  # reused: its new request's release is timed anew
                 self._forget(lease_id)
                 try:

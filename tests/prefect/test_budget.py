@@ -112,7 +112,9 @@ async def test_a_limit_stuck_full_stops_the_request_with_what_to_do(small_limit:
             names=[small_limit], slots=2, mode="concurrency", lease_duration=300
         )
     budget = PrefectRequestBudget(small_limit, window=0.5, stuck_after=2.0)
-    with pytest.raises(RateBudgetMissingError, match="full for longer than one rate window"):
+    with pytest.raises(
+        RateBudgetMissingError, match="full for 2 s, longer than any run holds a slot"
+    ):
         await asyncio.wait_for(sent_at_once(budget, 1), timeout=60)
 
 
@@ -300,3 +302,13 @@ async def test_a_spare_lease_the_server_lost_is_replaced_by_a_new_one(small_limi
     async with get_client() as client:
         limit = await client.read_global_concurrency_limit_by_name(small_limit)
     assert limit.active_slots == 1  # the new lease's, and no more
+
+
+def test_no_run_is_stopped_as_stuck_while_another_legitimately_holds_the_slots() -> None:
+    """One process may keep a slot for SERVES_AT_MOST requests in a row, each held a window
+    and then kept as a spare; another waiting that long must not call the limit stuck
+    (a small limit's spare is long: 1.5 x 3,636 s / 10 = 545 s)."""
+    budget = PrefectRequestBudget("any", window=3600.0)
+    budget._limit = 10
+    held = tasks.ratelimit.SERVES_AT_MOST * (budget.window + budget._spare_for)
+    assert budget.stuck_after > held

@@ -68,11 +68,8 @@ KEY_WAIT_VARIABLE: Final = "SORA2_KEY_WAIT"
 CLAIM_TTL_S: Final = 120.0
 CLAIM_TTL_MIN_S: Final = 5.0
 # A critical section is one read and one write; a lock server frees a dead holder's key
-# after this. 60 s was too short for a host with twice its cores busy: a Redis lock expired
-# under its holder, whose release then failed its run (the safe answer: another run may
-# have entered meanwhile). A dead holder inside one read and write is rare; waiting for it
-# costs little.
-_LOCK_HOLD_S: Final = 300.0
+# after this.
+_LOCK_HOLD_S: Final = 60.0
 # Records shared by machines need a shared lock; set this only if every worker runs on
 # this one machine (file locks then suffice).
 LOCAL_LOCKS_VARIABLE: Final = "SORA2_LOCAL_LOCKS"

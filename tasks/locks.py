@@ -19,7 +19,12 @@ Two lock managers:
 
 ``key_lock`` uses only the protocol's synchronous calls, each a short
 non-blocking attempt in a thread, and waits between attempts on the event
-loop: a run waiting for a key holds no thread.
+loop: a run waiting for a key holds no thread. Calls for one key never run in
+two threads at once: ``RedisLockManager`` (prefect-redis 0.3.0) is not
+thread-safe. Its ``release_lock`` frees the Redis lock and only then forgets
+it, so a second holder's acquisition in between was forgotten: that holder's
+release then failed its run ("No lock held by ...") and left the key locked
+for the whole hold time-out.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import errno
 import fcntl
 import hashlib
 import os
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, ParamSpec, TypeVar
 
 from prefect.locking.protocol import LockManager
 
@@ -198,14 +204,35 @@ class KeyBusyError(TimeoutError):
     """Another run held the key's lock for longer than we may wait."""
 
 
+_STRIPES: Final = 64
+_key_calls = [threading.Lock() for _ in range(_STRIPES)]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+async def _call(key: str, call: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    """``call`` in a thread, after any other thread's call for ``key`` has returned.
+
+    One lock per stripe of keys, not per key: bounded however many keys a
+    long-lived worker sees, and the calls are short (none waits for a holder).
+    """
+    stripe = _key_calls[int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % _STRIPES]
+
+    def serialized() -> _R:
+        with stripe:
+            return call(*args, **kwargs)
+
+    return await asyncio.to_thread(serialized)
+
+
 @contextlib.asynccontextmanager
 async def key_lock(
     manager: LockManager, key: str, holder: str, *, wait: float, hold: float
 ) -> AsyncIterator[None]:
     """Hold ``key``'s lock for the block; raise ``KeyBusyError`` after ``wait`` seconds.
 
-    Every call to ``manager`` is one short attempt in a thread: a run waiting
-    for a key keeps no thread busy, whatever the manager.
+    Every call to ``manager`` is one short attempt in a thread, one at a time
+    per key: a run waiting for a key keeps no thread busy, whatever the manager.
     """
     deadline = time.monotonic() + wait
     while not await _attempt(manager, key, holder, hold):
@@ -215,17 +242,17 @@ async def key_lock(
     try:
         yield
     finally:
-        await asyncio.shield(asyncio.to_thread(manager.release_lock, key, holder))
+        await asyncio.shield(_call(key, manager.release_lock, key, holder))
 
 
 async def _attempt(manager: LockManager, key: str, holder: str, hold: float) -> bool:
     """One attempt at the lock; if we are cancelled while it runs, a lock it took is freed."""
     attempt = asyncio.ensure_future(
-        asyncio.to_thread(manager.acquire_lock, key, holder, acquire_timeout=0, hold_timeout=hold)
+        _call(key, manager.acquire_lock, key, holder, acquire_timeout=0, hold_timeout=hold)
     )
     try:
         return await asyncio.shield(attempt)
     except asyncio.CancelledError:
         if await attempt:  # the thread finished: free what it took for nobody
-            await asyncio.to_thread(manager.release_lock, key, holder)
+            await _call(key, manager.release_lock, key, holder)
         raise

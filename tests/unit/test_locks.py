@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prefect.locking.protocol import LockManager
 
-from tasks.locks import FileLockManager, KeyBusyError, key_lock
+from tasks.locks import FileLockManager, KeyBusyError, key_lock, redis_lock_manager
+from tests.helpers import free_port
 
 HOLD_IN_ANOTHER_PROCESS = textwrap.dedent(
     """
@@ -130,3 +134,58 @@ async def test_a_run_cancelled_while_taking_the_lock_leaves_it_free(tmp_path: Pa
         await task
     async with key_lock(locks, "k", "next", wait=5, hold=60):
         assert locks.is_lock_holder("k", "next")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A throw-away redis-server on a free loopback port, stopped after the test."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*command, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+async def test_many_runs_of_one_process_taking_one_redis_key_in_turn_all_get_it(
+    redis_url: str,
+) -> None:
+    """prefect-redis's manager forgets a lock after freeing it: a holder that took the key
+    in between was forgotten, its release failed its run and left the key held."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded machine does
+    locks = redis_lock_manager(redis_url)
+    inside: list[str] = []
+    entered = 0
+
+    async def run(number: int) -> None:
+        nonlocal entered
+        for _ in range(60):
+            async with key_lock(locks, "k", f"run-{number}-{uuid.uuid4().hex}", wait=30, hold=5):
+                inside.append("in")
+                assert len(inside) == 1, "two holders at once"
+                entered += 1
+                await asyncio.sleep(0)
+                inside.pop()
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(run(n) for n in range(12))), timeout=120)
+    finally:
+        sys.setswitchinterval(previous)
+    assert entered == 12 * 60
+    assert not locks.is_locked("k")

@@ -19,12 +19,12 @@ Two lock managers:
 
 ``key_lock`` uses only the protocol's synchronous calls, each a short
 non-blocking attempt in a thread, and waits between attempts on the event
-loop: a run waiting for a key holds no thread. Calls for one key never run in
-two threads at once: ``RedisLockManager`` (prefect-redis 0.3.0) is not
-thread-safe. Its ``release_lock`` frees the Redis lock and only then forgets
-it, so a second holder's acquisition in between was forgotten: that holder's
-release then failed its run ("No lock held by ...") and left the key locked
-for the whole hold time-out.
+loop: between attempts, a run waiting for a key holds no thread. Calls for
+one key never run in two threads at once: ``RedisLockManager`` (prefect-redis
+0.3.0) is not thread-safe. Its ``release_lock`` frees the Redis lock and only
+then forgets it, so a second holder's acquisition in between was forgotten:
+that holder's release then failed its run ("No lock held by ...") and left
+the key locked for the whole hold time-out.
 """
 
 from __future__ import annotations

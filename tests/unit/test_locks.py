@@ -167,8 +167,6 @@ async def test_many_runs_of_one_process_taking_one_redis_key_in_turn_all_get_it(
 ) -> None:
     """prefect-redis's manager forgets a lock after freeing it: a holder that took the key
     in between was forgotten, its release failed its run and left the key held."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded machine does
     locks = redis_lock_manager(redis_url)
     inside: list[str] = []
     entered = 0
@@ -183,7 +181,9 @@ async def test_many_runs_of_one_process_taking_one_redis_key_in_turn_all_get_it(
                 await asyncio.sleep(0)
                 inside.pop()
 
-    try:
+    previous = sys.getswitchinterval()
+    try:  # switch threads often, as a loaded machine does; restored for the next tests
+        sys.setswitchinterval(1e-6)
         await asyncio.wait_for(asyncio.gather(*(run(n) for n in range(12))), timeout=120)
     finally:
         sys.setswitchinterval(previous)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import pytest
 from prefect import State
@@ -102,17 +104,45 @@ def spawn(
     spec: dict[str, Any], started: list[subprocess.Popen[str]], **env: str
 ) -> subprocess.Popen[str]:
     """Start ``tests.prefect.runner`` with ``spec`` in a process group of its own."""
+    # Its warnings, for a failure's message: a file with no name, closed by ``forget_runner``.
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (outlives this call)
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.prefect.runner", json.dumps(spec)],
         cwd=PROJECT,
         env={**runner_env(), **env},
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         text=True,
         start_new_session=True,
     )
+    _runner_logs[process.pid] = log
     started.append(process)
     return process
+
+
+_runner_logs: dict[int, IO[str]] = {}
+
+
+def runner_report(process: subprocess.Popen[str]) -> str:
+    """What a runner printed and the end of what it logged, once it is stopped (killed
+    if still running): why a run of it did not get where a test waited for it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    out, _ = process.communicate(timeout=30)
+    log = _runner_logs.get(process.pid)
+    logged = ""
+    if log is not None:
+        log.seek(0)
+        logged = log.read()[-4000:]
+    forget_runner(process)
+    return f"the runner printed {out!r} and logged ...{logged}"
+
+
+def forget_runner(process: subprocess.Popen[str]) -> None:
+    """Close the log of a runner that has ended."""
+    log = _runner_logs.pop(process.pid, None)
+    if log is not None:
+        log.close()
 
 
 def lines_of(process: subprocess.Popen[str], timeout: float) -> list[dict[str, Any]]:
@@ -121,8 +151,14 @@ def lines_of(process: subprocess.Popen[str], timeout: float) -> list[dict[str, A
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-async def wait_for_state(key: str, states: set[str], within: float = 300) -> Any:
-    """The key's submission record, once it is in one of ``states``."""
+async def wait_for_state(
+    key: str,
+    states: set[str],
+    within: float = 300,
+    runner: subprocess.Popen[str] | None = None,
+) -> Any:
+    """The key's submission record, once it is in one of ``states``; ``runner``, the process
+    running the key, is reported (``runner_report``) if it ends first or time runs out."""
     from tasks.submissions import SubmissionStore
 
     deadline = time.monotonic() + within
@@ -131,5 +167,10 @@ async def wait_for_state(key: str, states: set[str], within: float = 300) -> Any
         record = await store.read(key)
         if record is not None and record.state in states:
             return record
+        if runner is not None and runner.poll() is not None:
+            break
         await asyncio.sleep(0.1)
-    raise AssertionError(f"{key} never reached {states}")
+    record = await store.read(key)
+    where = record.state if record is not None else "no record"
+    report = f"; {runner_report(runner)}" if runner is not None else ""
+    raise AssertionError(f"{key} never reached {states} (it is at: {where}){report}")

@@ -18,7 +18,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from nanophoto_simulator import Simulator
 from tasks.ratelimit import create_rate_limit
-from tests.helpers import SESSION_RATE_LIMIT, MakeSimulator, use_simulator
+from tests.helpers import SESSION_RATE_LIMIT, MakeSimulator, forget_runner, use_simulator
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -62,3 +62,4 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+        forget_runner(process)

@@ -83,7 +83,7 @@ async def test_killed_while_queued_for_a_slot_nothing_was_sent_and_a_rerun_submi
         processes,
         NANOPHOTO_RATE_LIMIT="2",
     )
-    record = await wait_for_state(key, {"queued", "sending"})
+    record = await wait_for_state(key, {"queued", "sending"}, runner=victim)
     assert record.state == "queued"
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
@@ -101,7 +101,7 @@ async def test_killed_while_the_submit_was_on_the_wire_is_an_unknown_that_resolv
     api.config.faults = api.config.faults.model_copy(update={"stall_seconds": 6000})
     api.queue_fault("generate", "slow_answer")  # the origin works, then holds the answer
     victim = spawn({"runs": [{"prompt": prompt, "idempotency_key": key}]}, processes)
-    await wait_for_state(key, {"sending"})
+    await wait_for_state(key, {"sending"}, runner=victim)
     deadline = time.monotonic() + 60
     while not api.snapshot()["tasks"]:
         assert time.monotonic() < deadline
@@ -171,7 +171,7 @@ async def test_killed_while_watching_the_rerun_resumes_the_same_task(
     key = fresh("watch")
     prompt = "watch: fog rolling over a bridge"
     victim = spawn({"runs": [{"prompt": prompt, "idempotency_key": key}]}, processes)
-    await wait_for_state(key, {"submitted"})
+    await wait_for_state(key, {"submitted"}, runner=victim)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
     result = await prompt_to_video(prompt=prompt, output_dir=str(tmp_path), idempotency_key=key)

@@ -130,7 +130,7 @@ async def test_keys_started_twice_killed_and_rerun_never_pay_twice_nor_lose_a_vi
         NANOPHOTO_RATE_LIMIT="2",
     )
     for key, _ in queued:
-        await wait_for_state(key, {"queued"})
+        await wait_for_state(key, {"queued"}, runner=victim)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
 
@@ -142,7 +142,7 @@ async def test_keys_started_twice_killed_and_rerun_never_pay_twice_nor_lose_a_vi
         processes,
     )
     for key, _ in wire:
-        await wait_for_state(key, {"sending"})
+        await wait_for_state(key, {"sending"}, runner=victim)
     deadline = time.monotonic() + 120
     while sum(sim.snapshot()["submit_requests"].get(p, 0) for _, p in wire) < KILLED:
         assert time.monotonic() < deadline, "the slow submits never reached the simulator"
@@ -160,7 +160,9 @@ async def test_keys_started_twice_killed_and_rerun_never_pay_twice_nor_lose_a_vi
         {"runs": [{"prompt": p, "idempotency_key": k} for k, p in watching], "concurrency": KILLED},
         processes,
     )
-    await asyncio.gather(*(wait_for_state(key, {"submitted"}) for key, _ in watching))
+    await asyncio.gather(
+        *(wait_for_state(key, {"submitted"}, runner=victim) for key, _ in watching)
+    )
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
     sim.config.generation_seconds = (120, 180)

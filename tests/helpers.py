@@ -97,6 +97,8 @@ def runner_env() -> dict[str, str]:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         # As patient with the harness's SQLite server (503 when busy) as the soaks are.
         "PREFECT_CLIENT_MAX_RETRIES": "12",
+        # Each retry and its back-off (2**n s, no cap) in the runner's log (``runner_report``).
+        "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG",
     }
 
 

@@ -44,7 +44,9 @@ async def test_an_interrupted_watch_resumes_the_same_task(
     make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A run that stops after its submit: the rerun with its key finishes that task."""
-    api = make_simulator(generation_seconds=(300, 300))  # 3 s here
+    # 9 s here against a 1.5-s watch: the first run gives up long before, even on a loaded
+    # machine (3 s was done by the time a late check came, under two CPU burners).
+    api = make_simulator(generation_seconds=(900, 900))
     use_simulator(api, monkeypatch)
     short = WatchSchedule(initial_delay=120, interval=20, max_wait=150)
     state = await prompt_to_video(

@@ -59,8 +59,9 @@ EXPECTED_FAILURES = {"GENERATION_FAILED", "SUBMIT_OUTCOME_UNKNOWN", *BEFORE_SUBM
 
 
 # The harness's SQLite server stalls for up to 60 s at a time under these writes (README,
-# "Tests"): on a loaded machine the soak has met 3 to 6 of them. Bounded all the same.
-@pytest.mark.timeout(900)
+# "Tests"): on a loaded machine the soak has met 3 to 6 of them, and once (two CPU burners
+# beside `make test`) 11 in 13.5 minutes, past a 900-s bound. Bounded all the same.
+@pytest.mark.timeout(1500)
 @pytest.mark.usefixtures("patient_prefect_client")
 async def test_forty_five_videos_under_faults_are_paid_once_and_accounted_for(
     make_simulator: MakeSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

@@ -173,6 +173,8 @@ async def wait_for_state(
             break
         await asyncio.sleep(0.1)
     record = await store.read(key)
+    if record is not None and record.state in states:
+        return record  # reached just before its runner ended
     where = record.state if record is not None else "no record"
     report = f"; {runner_report(runner)}" if runner is not None else ""
     raise AssertionError(f"{key} never reached {states} (it is at: {where}){report}")
